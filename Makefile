@@ -1,0 +1,57 @@
+# Moxy: the two commands are `make run` and `make test`; everything else is a helper.
+VENV    ?= .venv
+PYTHON  ?= python3
+BIN     := $(VENV)/bin
+STATE   ?= var
+
+.DEFAULT_GOAL := help
+.PHONY: help run test check lint bench example clean system-deps
+
+help:
+	@echo "make run     install into $(VENV) and start Moxy on 127.0.0.1:8080 (key kept in $(STATE)/moxy.key)"
+	@echo "make test    install with test extras and run the whole suite (unit + real servers on loopback)"
+	@echo "make check   ruff, ruff format --check, mypy --strict, import layering"
+	@echo "make bench   the benchmark, as ratios against nginx measured in the same run"
+	@echo "make example the Jinja2 example page of signed images"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.runtime: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[redis,jinja2]'
+	@touch $@
+
+$(VENV)/.test: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $@ $(VENV)/.runtime
+
+run: $(VENV)/.runtime
+	@mkdir -p $(STATE)
+	MOXY_KEY_FILE=$${MOXY_KEY_FILE:-$(STATE)/moxy.key} MOXY_CACHE_DIR=$${MOXY_CACHE_DIR:-$(STATE)/cache} \
+		$(BIN)/moxy serve --init-key
+
+system-deps:
+	@bash .ci/system-deps
+
+test: $(VENV)/.test system-deps
+	$(BIN)/python -m pytest
+
+check: $(VENV)/.test
+	$(BIN)/ruff check moxy tests bench examples
+	$(BIN)/ruff format --check moxy tests bench examples
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+lint: $(VENV)/.test
+	$(BIN)/ruff format moxy tests bench examples
+	$(BIN)/ruff check --fix moxy tests bench examples
+
+bench: $(VENV)/.test system-deps
+	$(BIN)/python -m bench
+
+example: $(VENV)/.runtime
+	$(BIN)/python examples/app.py
+
+clean:
+	rm -rf $(VENV) $(STATE) .pytest_cache .mypy_cache .ruff_cache .hypothesis .coverage* build dist *.egg-info

@@ -1,0 +1,161 @@
+"""Miss-path engine benchmark: moxy.upstream.Upstream against the bare clients it could sit on.
+
+Starts a private nginx (temp prefix, free port, daemon off) serving a 10 KiB file on 127.0.0.1, then fetches it
+N times at concurrency 1, 8 and 32 with each client, in alternation, and prints req/s (median of the rounds).
+
+    .venv/bin/python bench/upstream_client.py [--requests 3000] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import httpx
+import uvloop
+
+from moxy.policy import DestinationPolicy
+from moxy.upstream import Upstream
+
+NGINX = "/usr/sbin/nginx"
+CONFIG = """
+daemon off;
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/tmp; proxy_temp_path {prefix}/tmp; fastcgi_temp_path {prefix}/tmp;
+    uwsgi_temp_path {prefix}/tmp; scgi_temp_path {prefix}/tmp;
+    keepalive_requests 1000000;
+    server {{ listen 127.0.0.1:{port}; root {prefix}/www; }}
+}}
+"""
+
+Fetch = Callable[[str], Awaitable[int]]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_nginx(prefix: Path) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    prefix.chmod(0o755)  # nginx workers may run as an unprivileged user
+    (prefix / "www").mkdir()
+    (prefix / "tmp").mkdir()
+    (prefix / "www" / "10k.bin").write_bytes(os.urandom(10 * 1024))
+    (prefix / "nginx.conf").write_text(CONFIG.format(prefix=prefix, port=port))
+    process = subprocess.Popen([NGINX, "-p", str(prefix), "-c", str(prefix / "nginx.conf")])
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+            return process, port
+        except OSError:
+            time.sleep(0.05)
+    process.kill()
+    raise RuntimeError("nginx did not start")
+
+
+async def run(fetch: Fetch, url: str, requests: int, concurrency: int) -> float:
+    remaining = requests
+
+    async def worker() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            got = await fetch(url)
+            assert got == 10 * 1024, got
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return requests / (time.perf_counter() - started)
+
+
+async def main(requests: int, rounds: int) -> None:
+    with tempfile.TemporaryDirectory() as prefix_dir:
+        prefix = Path(prefix_dir)
+        process, port = start_nginx(prefix)
+        try:
+            url = f"http://127.0.0.1:{port}/10k.bin"
+            policy = DestinationPolicy.from_settings_values(["127.0.0.0/8"], [], [])
+            options = {
+                "policy": policy,
+                "connect_timeout": 5.0,
+                "read_timeout": 5.0,
+                "total_timeout": 30.0,
+                "max_body_bytes": 50 * 1024 * 1024,
+                "max_redirects": 5,
+                "user_agent": "Moxy/bench",
+                "spool_dir": prefix / "tmp",
+            }
+            moxy_aiohttp = Upstream(**options)  # type: ignore[arg-type]
+            limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+            moxy_httpx = Upstream(**options, transport=httpx.AsyncHTTPTransport(limits=limits))  # type: ignore[arg-type]
+            session = aiohttp.ClientSession()
+            client = httpx.AsyncClient(limits=limits)
+
+            async def via_moxy_aiohttp(target: str) -> int:
+                return (await moxy_aiohttp.fetch(target, {"Accept": "*/*"})).length
+
+            async def via_moxy_httpx(target: str) -> int:
+                return (await moxy_httpx.fetch(target, {"Accept": "*/*"})).length
+
+            async def via_aiohttp(target: str) -> int:
+                async with session.get(target) as response:
+                    return len(await response.read())
+
+            async def via_httpx(target: str) -> int:
+                return len((await client.get(target)).content)
+
+            clients: dict[str, Fetch] = {
+                "Upstream (aiohttp engine)": via_moxy_aiohttp,
+                "Upstream (httpx transport)": via_moxy_httpx,
+                "bare aiohttp.ClientSession": via_aiohttp,
+                "bare httpx.AsyncClient": via_httpx,
+            }
+            results: dict[tuple[str, int], list[float]] = {}
+            for fetch in clients.values():
+                await run(fetch, url, 300, 8)  # warm-up: pools filled
+            for _ in range(rounds):
+                for concurrency in (1, 8, 32):
+                    for name, fetch in clients.items():
+                        rate = await run(fetch, url, requests, concurrency)
+                        results.setdefault((name, concurrency), []).append(rate)
+            print(f"{'client':<30} {'c=1':>8} {'c=8':>8} {'c=32':>8}   (req/s, median of {rounds})")
+            for name in clients:
+                row = [statistics.median(results[(name, c)]) for c in (1, 8, 32)]
+                print(f"{name:<30} " + " ".join(f"{value:>8.0f}" for value in row))
+            await moxy_aiohttp.aclose()
+            await moxy_httpx.aclose()
+            await session.close()
+            await client.aclose()
+        finally:
+            process.send_signal(signal.SIGQUIT)
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+            shutil.rmtree(prefix / "tmp", ignore_errors=True)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--rounds", type=int, default=3)
+    arguments = parser.parse_args()
+    uvloop.run(main(arguments.requests, arguments.rounds))

@@ -1,0 +1,349 @@
+"""The Starlette shell and composition root: create_app(settings) wires storage, upstream and Proxy in the
+lifespan, renders Outcomes as responses (headers, 304, 206/416, HEAD) and maps errors to statuses in one table."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import time
+from collections.abc import AsyncIterator, Mapping
+from email.utils import formatdate, parsedate_to_datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from moxy import __version__
+from moxy.accesslog import path_digest, write_access
+from moxy.cache import DiskStorage, MemoryStorage, Storage, TieredStorage
+from moxy.cache.freshness import FreshnessRules
+from moxy.config import Settings, load_settings
+from moxy.errors import (
+    BadSignature,
+    DestinationRefused,
+    ExpiredURL,
+    MalformedURL,
+    MoxyError,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from moxy.policy import DestinationPolicy
+from moxy.proxy import Failed, OpenBody, Proxy, ProxyRequest, Served
+from moxy.rules import parse_rules
+from moxy.signing import Signer
+from moxy.upstream import Upstream
+from moxy.validation import build_chain
+
+__all__ = ["create_app"]
+
+SECURITY_HEADERS = {
+    "x-content-type-options": "nosniff",
+    "content-security-policy": "default-src 'none'; img-src data:; style-src 'unsafe-inline'; sandbox",
+    "x-frame-options": "deny",
+    "referrer-policy": "no-referrer",
+}
+# Stored headers that Moxy replaces with its own view (cache-control, age) or recomputes.
+NOT_SENT = frozenset({"cache-control", "expires", "date", "age", "etag", "content-length"})
+STREAM_CHUNK = 256 * 1024
+UPSTREAM_ERROR_MAX_AGE = 10
+
+
+def error_status(error: MoxyError) -> int:
+    """The one table from Moxy's errors to HTTP statuses."""
+    if isinstance(error, MalformedURL):
+        return 400
+    if isinstance(error, BadSignature | DestinationRefused):
+        return 403
+    if isinstance(error, ExpiredURL):
+        return 410
+    if isinstance(error, UpstreamTimeout):
+        return 504
+    if isinstance(error, UpstreamError):
+        return error.status if error.status in (404, 410) else 502
+    return 500
+
+
+def _error_response(error: MoxyError, *, cache: str, head: bool = False) -> Response:
+    status = error_status(error)
+    kind = type(error).__name__
+    reason = getattr(error, "reason", str(error))
+    body = orjson.dumps({"error": kind, "reason": reason})
+    headers = dict(SECURITY_HEADERS)
+    # Errors the request caused must never be cached for everyone; upstream errors only briefly.
+    headers["cache-control"] = "no-store" if status in (400, 403, 410) else f"public, max-age={UPSTREAM_ERROR_MAX_AGE}"
+    headers["x-moxy-cache"] = cache
+    headers["cache-status"] = f'moxy; fwd=uri-miss; detail="{reason}"' if status >= 500 else "moxy"
+    return Response(b"" if head else body, status_code=status, headers=headers, media_type="application/json")
+
+
+def _etag(digest: str) -> str:
+    return f'"{digest[:32]}"'
+
+
+def _entry_headers(served: Served, vary: str) -> dict[str, str]:
+    entry = served.entry
+    headers = {name: value for name, value in entry.headers if name not in NOT_SENT}
+    headers.update(SECURITY_HEADERS)
+    headers["etag"] = _etag(entry.digest)
+    headers.setdefault("last-modified", formatdate(entry.stored_at, usegmt=True))
+    # DESIGN section 6: the full lifetime with Age, never the remaining lifetime (a CDN subtracts Age itself).
+    headers["cache-control"] = (
+        f"public, max-age={int(entry.lifetime)}, stale-while-revalidate={int(entry.stale_while_revalidate)}, "
+        f"stale-if-error={int(entry.stale_if_error)}"
+    )
+    if not served.stored:
+        headers["cache-control"] = "private, no-store"
+    headers["age"] = str(max(0, int(served.age)))
+    headers["accept-ranges"] = "bytes"
+    if vary:
+        headers["vary"] = vary
+    result = served.cache.value
+    headers["x-moxy-cache"] = result
+    status = {"HIT": "hit", "STALE": "hit", "REVALIDATED": "fwd=stale", "MISS": "fwd=uri-miss", "BYPASS": "fwd=bypass"}
+    detail = f'; detail="{served.reason}"' if served.reason else ""
+    headers["cache-status"] = f"moxy; {status[result]}; ttl={int(entry.lifetime - served.age)}{detail}"
+    return headers
+
+
+def _not_modified(request: Request, served: Served) -> bool:
+    etag = _etag(served.entry.digest)
+    if_none_match = request.headers.get("if-none-match")
+    if if_none_match is not None:
+        candidates = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
+        return "*" in candidates or etag in candidates
+    since = request.headers.get("if-modified-since")
+    modified = served.entry.header("last-modified")
+    if since and modified:
+        try:
+            return parsedate_to_datetime(modified) <= parsedate_to_datetime(since)
+        except (TypeError, ValueError):
+            return False
+    return False
+
+
+def _byte_range(request: Request, served: Served, length: int) -> tuple[int, int] | None | str:
+    """(start, end inclusive) for a satisfiable single range, "unsatisfiable", or None to send the whole body."""
+    header = request.headers.get("range")
+    if not header or not header.startswith("bytes=") or "," in header:
+        return None  # absent, malformed or multi-range: the full 200 is a correct answer
+    if_range = request.headers.get("if-range")
+    if if_range is not None and if_range.strip() != _etag(served.entry.digest):
+        return None
+    first, _, last = header[6:].strip().partition("-")
+    try:
+        if first == "":
+            suffix = int(last)
+            if suffix <= 0:
+                return "unsatisfiable"
+            start, end = max(0, length - suffix), length - 1
+        else:
+            start = int(first)
+            end = int(last) if last else length - 1
+            if start > end and last:
+                return None
+            end = min(end, length - 1)
+    except ValueError:
+        return None
+    if start >= length or length == 0:
+        return "unsatisfiable"
+    return start, end
+
+
+async def _file_chunks(body: OpenBody, start: int, end: int) -> AsyncIterator[bytes]:
+    position = start
+    while position <= end:
+        chunk = await asyncio.to_thread(body.read, position, min(STREAM_CHUNK, end + 1 - position))
+        if not chunk:
+            break
+        position += len(chunk)
+        yield chunk
+
+
+def render(request: Request, served: Served, vary: str) -> Response:
+    headers = _entry_headers(served, vary)
+    media_type = headers.pop("content-type", "application/octet-stream")
+    head = request.method == "HEAD"
+    if _not_modified(request, served):
+        return Response(status_code=304, headers={k: v for k, v in headers.items() if k != "content-type"})
+    length = served.entry.length
+    chosen = _byte_range(request, served, length)
+    status, start, end = 200, 0, length - 1
+    if chosen == "unsatisfiable":
+        headers["content-range"] = f"bytes */{length}"
+        return Response(status_code=416, headers=headers)
+    if isinstance(chosen, tuple):
+        status, (start, end) = 206, chosen
+        headers["content-range"] = f"bytes {start}-{end}/{length}"
+    headers["content-length"] = str(max(0, end + 1 - start))
+    body = served.body
+    if head or length == 0:
+        return Response(b"", status_code=status, headers=headers, media_type=media_type)
+    if isinstance(body, bytes):
+        content = body if status == 200 else body[start : end + 1]
+        return Response(content, status_code=status, headers=headers, media_type=media_type)
+    return StreamingResponse(_file_chunks(body, start, end), status_code=status, headers=headers, media_type=media_type)
+
+
+def _build_storage(settings: Settings) -> tuple[Storage, DiskStorage | None]:
+    tiers: list[Storage] = []
+    if settings.memory_cache_bytes > 0:
+        tiers.append(MemoryStorage(settings.memory_cache_bytes, settings.memory_max_entry_bytes))
+    disk: DiskStorage | None = None
+    if settings.disk_cache_bytes > 0:
+        disk = DiskStorage(Path(settings.cache_dir), settings.disk_cache_bytes)
+        tiers.append(disk)
+    if settings.redis_url is not None:
+        from moxy.cache.redis import RedisStorage
+
+        tiers.append(RedisStorage(settings.redis_url.get_secret_value()))
+    return TieredStorage(tiers), disk
+
+
+def _build_rules(settings: Settings) -> Any:
+    if settings.rules_file is None:
+        return None
+    path = Path(settings.rules_file)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        from moxy.errors import ConfigError
+
+        raise ConfigError("MOXY_RULES_FILE", f"cannot read {path}: {exc.strerror}") from exc
+    if path.suffix.lower() == ".json":
+        return parse_rules(text, source=str(path), fmt="json")
+    return parse_rules(text, source=str(path), fmt="toml")
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    """The Moxy ASGI app. Configuration errors surface here, before the first request."""
+    settings = settings or load_settings()
+    signer = Signer(settings.signing_keys(), settings.base_url, camo_keys=settings.camo_keys())
+    policy = DestinationPolicy.from_settings_values(
+        settings.allowed_networks, settings.allow_hosts, settings.deny_hosts
+    )
+    validators = build_chain(
+        content_types=settings.content_types,
+        max_body_bytes=settings.max_body_bytes,
+        rules=_build_rules(settings),
+        custom=settings.validators,
+    )
+    freshness = FreshnessRules(
+        ttl_min=settings.ttl_min,
+        ttl_max=settings.ttl_max,
+        ttl_default=settings.ttl_default,
+        stale_while_revalidate=settings.stale_while_revalidate,
+        stale_if_error=settings.stale_if_error,
+    )
+    vary = ", ".join(settings.forward_headers)
+    state: dict[str, Any] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        storage, disk = _build_storage(settings)
+        spool = disk.spool_dir if disk is not None else Path(settings.cache_dir) / "tmp"
+        spool.mkdir(parents=True, exist_ok=True)
+        upstream = Upstream(
+            policy=policy,
+            connect_timeout=settings.connect_timeout,
+            read_timeout=settings.read_timeout,
+            total_timeout=settings.total_timeout,
+            max_body_bytes=settings.max_body_bytes,
+            max_redirects=settings.max_redirects,
+            user_agent=f"Moxy/{__version__}",
+            via=f"1.1 moxy/{__version__}",
+            spool_dir=spool,
+        )
+        state["proxy"] = Proxy(
+            signer=signer,
+            policy=policy,
+            storage=storage,
+            fetch=upstream.fetch,
+            validators=validators,
+            freshness=freshness,
+            forward_headers=settings.forward_headers,
+            negative_ttl=settings.negative_ttl,
+            lock_timeout=settings.lock_timeout,
+        )
+        try:
+            yield
+        finally:
+            await state["proxy"].aclose()
+            await upstream.aclose()
+            await storage.aclose()
+
+    async def serve(request: Request) -> Response:
+        started = time.perf_counter()
+        proxy: Proxy = state["proxy"]
+        outcome = await proxy.handle(
+            ProxyRequest(path=request.url.path, query=request.url.query, headers=request.headers)
+        )
+        head = request.method == "HEAD"
+        if isinstance(outcome, Served):
+            response = render(request, outcome, vary)
+            cache, reason, upstream_status = outcome.cache.value, outcome.reason, outcome.upstream_status
+            upstream_seconds = outcome.upstream_seconds
+        else:
+            assert isinstance(outcome, Failed)
+            response = _error_response(outcome.error, cache=outcome.cache.value, head=head)
+            cache, reason = outcome.cache.value, getattr(outcome.error, "reason", str(outcome.error))
+            upstream_status, upstream_seconds = outcome.upstream_status, outcome.upstream_seconds
+        if settings.access_log:
+            write_access(
+                {
+                    "time": round(time.time(), 3),
+                    "method": request.method,
+                    "path": path_digest(request.url.path),
+                    "status": response.status_code,
+                    "cache": cache,
+                    "reason": reason,
+                    "upstream_status": upstream_status,
+                    "upstream_ms": None if upstream_seconds is None else round(upstream_seconds * 1000, 1),
+                    "bytes": int(response.headers.get("content-length", 0) or 0),
+                    "ms": round((time.perf_counter() - started) * 1000, 2),
+                }
+            )
+        return response
+
+    async def healthz(request: Request) -> Response:
+        return Response(b'{"status":"ok"}', media_type="application/json", headers={"cache-control": "no-store"})
+
+    async def purge(request: Request) -> Response:
+        token = settings.purge_token.get_secret_value() if settings.purge_token else ""
+        given = request.headers.get("authorization", "")
+        expected = f"Bearer {token}"
+        if not hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode("utf-8")):
+            return Response(
+                b'{"error":"Unauthorized","reason":"bad or missing purge token"}',
+                status_code=401,
+                media_type="application/json",
+                headers={"cache-control": "no-store", "www-authenticate": "Bearer"},
+            )
+        try:
+            payload = orjson.loads(await request.body())
+            url = payload["url"]
+            if not isinstance(url, str):
+                raise TypeError
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return Response(
+                b'{"error":"BadRequest","reason":"body must be {\\"url\\": \\"...\\"}"}',
+                status_code=400,
+                media_type="application/json",
+                headers={"cache-control": "no-store"},
+            )
+        variants: tuple[Mapping[str, str], ...] = ({},)
+        accept = request.headers.get("x-moxy-purge-accept")
+        if accept:
+            variants = ({}, {"accept": accept})
+        removed = await state["proxy"].purge(url, variants)
+        return Response(orjson.dumps({"removed": removed}), media_type="application/json")
+
+    routes = [Route("/healthz", healthz, methods=["GET", "HEAD"])]
+    if settings.purge_token is not None:
+        routes.append(Route("/purge", purge, methods=["POST"]))
+    routes.append(Route("/{path:path}", serve, methods=["GET", "HEAD"]))
+    return Starlette(routes=routes, lifespan=lifespan)

@@ -1,0 +1,567 @@
+"""The disk tier: one folder shared by every worker process of a host, crash-safe, byte-bounded LRU.
+
+Layout under `directory`:
+    meta/ab/<sid>            encode_entry blob; holds the body too when it is small (<= embed_bytes)
+    body/ab/<sid>.<digest>   a large body, raw bytes; named by its SHA-256 so the name is its checksum
+    tmp/                     temp files (ours and the fetcher's spools: same filesystem, so rename/link work)
+    lock, usage              flock guarding the shared byte counter and eviction
+
+Crash safety: every file is written under tmp/, fsynced, renamed into place and its folder fsynced; the body
+is in place before the meta file that names it, so an entry becomes visible only whole. A torn or corrupt file
+fails its checksum and is removed on read.
+
+LRU: the meta file's mtime is the last-use time (set with an explicit nanosecond clock on put and on every hit).
+Eviction scans the folder under an exclusive flock, so several processes agree without a shared index. A sqlite
+index would make eviction O(log n) but puts a write transaction (and a lock shared by all workers) on every hit;
+the filesystem stays the single source of truth and survives restarts, crashes and manual deletion as it is.
+The shared byte counter is only a trigger: every eviction scan recounts the real files and rewrites it."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import os
+import secrets
+import struct
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio.to_thread
+
+from moxy.cache.entry import BodyFile, CorruptEntry, Entry, decode_entry, encode_entry, storage_id
+
+__all__ = ["DiskStorage"]
+
+MiB = 1024 * 1024
+TEMP_MAX_AGE = 3600.0
+RESCAN_INTERVAL = 600.0
+EVICT_TO = 0.9  # evict down to 90 % of the budget, so scans are rare
+_USAGE = struct.Struct("<qd")  # bytes in use, unix time of the last full recount
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_all(fd: int, size: int, offset: int = 0) -> bytes:
+    chunks: list[bytes] = []
+    remaining = size
+    while remaining > 0:
+        chunk = os.pread(fd, remaining, offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        offset += len(chunk)
+        remaining -= len(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _sha256_fd(fd: int, length: int) -> str:
+    digest = hashlib.sha256()
+    offset = 0
+    while offset < length:
+        chunk = os.pread(fd, min(MiB, length - offset), offset)
+        if not chunk:
+            break
+        digest.update(chunk)
+        offset += len(chunk)
+    return digest.hexdigest()
+
+
+class DiskStorage:
+    """Entries in a folder. get() returns bodies up to `inline_bytes` as bytes, larger ones as a BodyFile.
+
+    A put that meets a full disk (ENOSPC/EDQUOT) returns quietly, leaving nothing half-written; it is counted
+    in `dropped_puts`. Other OS errors propagate.
+
+    Bodies are checked against their SHA-256 on read. A body file verified once by this process is not hashed
+    again while its identity (inode, size, mtime, ctime) is unchanged: any write to it changes ctime, and hashing
+    50 MB on every hit would cost ~30 ms. Silent bit rot in an already-verified file is caught after a restart.
+
+    The constructor creates the folders and sweeps old temp files (blocking, meant for start-up)."""
+
+    def __init__(
+        self,
+        directory: Path,
+        max_bytes: int,
+        *,
+        inline_bytes: int = MiB,
+        embed_bytes: int = 64 * 1024,
+    ) -> None:
+        self.directory = Path(directory)
+        self.max_bytes = max_bytes
+        self.inline_bytes = inline_bytes
+        # Bodies this small live inside the meta file: one open and one read per hit, and rewriting them on
+        # touch() is cheap. Larger bodies get their own file, which touch() never rewrites.
+        self.embed_bytes = min(embed_bytes, inline_bytes)
+        self.dropped_puts = 0
+        self._meta = self.directory / "meta"
+        self._body = self.directory / "body"
+        self._tmp = self.directory / "tmp"
+        for folder in (self._meta, self._body, self._tmp):
+            folder.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT | _O_CLOEXEC, 0o600)
+        self._usage_fd = os.open(self.directory / "usage", os.O_RDWR | os.O_CREAT | _O_CLOEXEC, 0o600)
+        self._close_fds = weakref.finalize(self, _close_all, (self._lock_fd, self._usage_fd))
+        # flock excludes other processes (and other instances); threads of this instance share one open file
+        # description, which flock does not separate, so they also take this lock.
+        self._thread_lock = threading.Lock()
+        # Body files verified in this process, by identity: a changed file (any write changes ctime) is hashed
+        # again, an unchanged one is not hashed on every hit.
+        self._verified: dict[str, tuple[int, int, int, int]] = {}
+        self._clean_temp(time.time())
+
+    @property
+    def spool_dir(self) -> Path:
+        """Where the fetcher spools bodies: on this filesystem, so a put can link or rename from it."""
+        return self._tmp
+
+    # -- paths ---------------------------------------------------------------------------
+
+    def _meta_path(self, sid: str) -> Path:
+        return self._meta / sid[:2] / sid
+
+    def _body_path(self, sid: str, digest: str) -> Path:
+        return self._body / sid[:2] / f"{sid}.{digest}"
+
+    def _temp_path(self) -> Path:
+        return self._tmp / f".put-{os.getpid()}-{secrets.token_hex(8)}"
+
+    # -- public API ----------------------------------------------------------------------
+
+    async def get(self, key: str) -> Entry | None:
+        return await anyio.to_thread.run_sync(self._get, key)
+
+    async def put(self, entry: Entry) -> None:
+        await anyio.to_thread.run_sync(self._put, entry, False)
+
+    async def touch(self, entry: Entry) -> None:
+        """Replace the metadata; the body file (same digest) is kept as it is, not rewritten."""
+        await anyio.to_thread.run_sync(self._put, entry, True)
+
+    async def delete(self, key: str) -> bool:
+        return await anyio.to_thread.run_sync(self._delete, key)
+
+    async def usage(self) -> int:
+        """Bytes in the folder's entries, recounted from the files (also resets the shared counter)."""
+        return await anyio.to_thread.run_sync(self._recount)
+
+    async def aclose(self) -> None:
+        self._close_fds()
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def _get(self, key: str) -> Entry | None:
+        sid = storage_id(key)
+        meta_path = self._meta_path(sid)
+        try:
+            fd = os.open(meta_path, os.O_RDONLY | _O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            meta_stat = os.fstat(fd)
+            blob = _read_all(fd, meta_stat.st_size)
+        finally:
+            os.close(fd)
+        try:
+            entry = decode_entry(blob)
+        except CorruptEntry:
+            self._discard(meta_path, blob)
+            return None
+        if entry.key != key:
+            return None  # another key with the same storage id: a miss, never its body
+        if isinstance(entry.body, bytes) and len(entry.body) != entry.length:  # the body lives in its own file
+            body = self._open_body(sid, entry, meta_path, blob)
+            if body is None:
+                return None
+            entry = entry.with_body(body)
+        with contextlib.suppress(OSError):
+            now = time.time_ns()
+            os.utime(meta_path, ns=(now, now))  # the LRU clock, seen by every process
+        return entry
+
+    def _open_body(self, sid: str, entry: Entry, meta_path: Path, meta_blob: bytes) -> bytes | BodyFile | None:
+        path = self._body_path(sid, entry.digest)
+        try:
+            fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
+        except FileNotFoundError:
+            # Either a newer put replaced this entry between our two opens (a miss), or the body is gone.
+            self._discard(meta_path, meta_blob)
+            return None
+        try:
+            st = os.fstat(fd)
+            identity = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            name = str(path)
+            known = self._verified.get(name) == identity
+            if st.st_size != entry.length:
+                ok, data = False, None
+            elif entry.length <= self.inline_bytes:
+                data = _read_all(fd, entry.length)
+                ok = known or (len(data) == entry.length and hashlib.sha256(data).hexdigest() == entry.digest)
+            else:
+                data = None
+                ok = known or _sha256_fd(fd, entry.length) == entry.digest
+        finally:
+            os.close(fd)
+        if not ok:
+            self._verified.pop(name, None)
+            self._discard(meta_path, meta_blob, body=path)
+            return None
+        if not known:
+            if len(self._verified) > 16384:
+                self._verified.clear()
+            self._verified[name] = identity
+        return data if data is not None else BodyFile(name, 0, entry.length)
+
+    def _discard(self, meta_path: Path, meta_blob: bytes, *, body: Path | None = None) -> None:
+        """Remove a broken entry, unless a writer has meanwhile put a new version in its place.
+
+        Under the lock, because commits (meta rename + removal of the superseded bodies) happen under it too:
+        a meta file still holding the bytes we read is the broken one, not a newer version."""
+        with self._locked():
+            try:
+                if meta_path.read_bytes() == meta_blob:
+                    os.unlink(meta_path)
+            except FileNotFoundError:
+                pass
+            if body is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(body)
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def _put(self, entry: Entry, touching: bool) -> None:
+        sid = storage_id(entry.key)
+        meta_path = self._meta_path(sid)
+        embed = entry.length <= self.embed_bytes
+        body_path = None if embed else self._body_path(sid, entry.digest)
+        if embed:
+            body_bytes = self._small_body(entry, meta_path if touching else None)
+            if body_bytes is None:
+                return  # touch() of an entry whose body is nowhere at hand: nothing to update
+            meta_blob = encode_entry(entry.with_body(body_bytes), include_body=True)
+            body_present = True
+        else:
+            body_present = _size_of(body_path) == entry.length if body_path is not None else False
+            if not body_present and not (isinstance(entry.body, BodyFile) or len(entry.body) == entry.length):
+                if touching:
+                    return
+                raise ValueError(f"entry body is {len(entry.body)} bytes, entry says {entry.length}")
+            meta_blob = encode_entry(entry.with_body(b""), include_body=False)
+        if len(meta_blob) + (0 if embed else entry.length) > self.max_bytes:
+            self._delete_sid(sid)  # cannot hold it: at least drop the older copy
+            return
+        added = len(meta_blob) + (0 if body_present else entry.length)
+        self._add_usage(added, pending=True)
+        written: list[Path] = []  # files to remove if the put fails before its commit
+        try:
+            if body_path is not None and not body_present:
+                self._write_body(entry, body_path, written)
+            temp = self._write_temp(meta_blob, written)
+            usage = self._commit(sid, temp, body_path, added, written)
+        except OSError as exc:
+            for path in written:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            self._add_usage(-added)
+            if exc.errno in _NO_SPACE:
+                self.dropped_puts += 1
+                return
+            if isinstance(exc, FileNotFoundError) and touching:
+                return  # the source body vanished (evicted) while refreshing: nothing to keep
+            raise
+        if usage is None:
+            return
+        with contextlib.suppress(OSError):
+            _fsync_dir(meta_path.parent)  # durability of the rename; the entry is already whole either way
+        if usage > self.max_bytes:
+            self._evict()
+
+    def _commit(self, sid: str, temp: Path, body_path: Path | None, added: int, written: list[Path]) -> int | None:
+        """Make the new version visible and drop the superseded bodies; the usage after, or None when abandoned.
+
+        Under the lock, so two writers of one key cannot delete each other's body: a writer whose body was
+        removed by a concurrent commit (it is superseded) abandons its put, and the other version stays whole."""
+        meta_path = self._meta_path(sid)
+        with self._locked():
+            if body_path is not None and not body_path.exists():
+                os.unlink(temp)
+                written.clear()
+                self._add_usage_locked(-added)
+                return None
+            old_meta = _size_of(meta_path) or 0
+            meta_path.parent.mkdir(exist_ok=True)
+            os.replace(temp, meta_path)
+            written.clear()  # committed: nothing of this put may be removed any more
+            freed = old_meta + self._remove_bodies(sid, keep=body_path)
+            return self._add_usage_locked(-freed)
+
+    def _small_body(self, entry: Entry, stored_meta: Path | None) -> bytes | None:
+        if isinstance(entry.body, bytes) and len(entry.body) == entry.length:
+            return entry.body
+        if isinstance(entry.body, BodyFile):
+            try:
+                fd = os.open(entry.body.path, os.O_RDONLY | _O_CLOEXEC)
+            except FileNotFoundError:
+                return None
+            try:
+                data = _read_all(fd, entry.body.length, entry.body.offset)
+            finally:
+                os.close(fd)
+            return data if len(data) == entry.length else None
+        if stored_meta is not None:
+            # touch() given metadata only: reuse the body already stored, when it is the same one.
+            try:
+                old = decode_entry(stored_meta.read_bytes())
+            except (OSError, CorruptEntry):
+                return None
+            if old.key == entry.key and old.digest == entry.digest and isinstance(old.body, bytes):
+                return old.body if len(old.body) == old.length else None
+            return None
+        raise ValueError(f"entry body is {len(entry.body)} bytes, entry says {entry.length}")
+
+    def _write_body(self, entry: Entry, target: Path, written: list[Path]) -> None:
+        body = entry.body
+        if isinstance(body, bytes):
+            self._write_file(target, body, written)
+            return
+        temp = self._temp_path()
+        written.append(temp)
+        source = os.open(body.path, os.O_RDONLY | _O_CLOEXEC)
+        try:
+            linked = False
+            if body.offset == 0 and os.fstat(source).st_size == body.length:
+                # Whole file: a hard link shares the blocks without copying and leaves the source path as it is.
+                with contextlib.suppress(OSError):
+                    os.link(body.path, temp)
+                    linked = True
+            if not linked:
+                self._copy(source, temp, body)
+        finally:
+            os.close(source)
+        fd = os.open(temp, os.O_RDONLY | _O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        target.parent.mkdir(exist_ok=True)
+        os.replace(temp, target)
+        # Not removed if the meta write then fails: a concurrent put of the same version may already name it.
+        # An unnamed body is swept by the next recount (or replaced by the next put of this key).
+        written.remove(temp)
+        _fsync_dir(target.parent)
+
+    @staticmethod
+    def _copy(source: int, temp: Path, body: BodyFile) -> None:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o600)
+        try:
+            offset, copied = body.offset, 0
+            while copied < body.length:
+                try:
+                    count = os.copy_file_range(source, fd, body.length - copied, offset + copied)
+                except OSError as exc:
+                    if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                        raise
+                    chunk = os.pread(source, min(MiB, body.length - copied), offset + copied)
+                    count = os.write(fd, chunk) if chunk else 0
+                if count == 0:
+                    raise OSError(errno.EIO, "source body shorter than its stated length")
+                copied += count
+        finally:
+            os.close(fd)
+
+    def _write_file(self, target: Path, data: bytes, written: list[Path]) -> None:
+        """Atomically replace `target` with `data`: temp file, fsync, explicit mtime, rename, fsync folder."""
+        temp = self._write_temp(data, written)
+        target.parent.mkdir(exist_ok=True)
+        os.replace(temp, target)
+        written.remove(temp)
+        _fsync_dir(target.parent)
+
+    def _write_temp(self, data: bytes, written: list[Path]) -> Path:
+        """`data` in a new temp file, fsynced, its mtime (the LRU clock) set to now."""
+        temp = self._temp_path()
+        written.append(temp)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+            now = time.time_ns()
+            os.utime(fd, ns=(now, now))
+        finally:
+            os.close(fd)
+        return temp
+
+    # -- deleting ---------------------------------------------------------------------------
+
+    def _delete(self, key: str) -> bool:
+        sid = storage_id(key)
+        meta_path = self._meta_path(sid)
+        try:
+            blob = meta_path.read_bytes()
+        except FileNotFoundError:
+            return False
+        with contextlib.suppress(CorruptEntry):
+            if decode_entry(blob).key != key:
+                return False  # the file belongs to another key that shares the storage id
+        return self._delete_sid(sid) > 0
+
+    def _delete_sid(self, sid: str) -> int:
+        freed = 0
+        meta_path = self._meta_path(sid)
+        with self._locked():
+            size = _size_of(meta_path)
+            if size is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(meta_path)  # first: the entry disappears before its body does
+                    freed += size
+            freed += self._remove_bodies(sid, keep=None)
+            if freed:
+                self._add_usage_locked(-freed)
+        return freed
+
+    def _remove_bodies(self, sid: str, keep: Path | None) -> int:
+        """Delete this sid's body files other than `keep` (an older version's body); bytes freed."""
+        freed = 0
+        folder = self._body / sid[:2]
+        prefix = sid + "."
+        try:
+            candidates = [item for item in os.scandir(folder) if item.name.startswith(prefix)]
+        except FileNotFoundError:
+            return 0
+        for item in candidates:
+            if keep is not None and item.name == keep.name:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                size = item.stat().st_size
+                os.unlink(item.path)
+                self._verified.pop(item.path, None)
+                freed += size
+        return freed
+
+    # -- accounting and eviction ------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        with self._thread_lock:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def _read_usage(self) -> tuple[int, float] | None:
+        raw = os.pread(self._usage_fd, _USAGE.size, 0)
+        if len(raw) != _USAGE.size:
+            return None
+        used, scanned_at = _USAGE.unpack(raw)
+        return used, scanned_at
+
+    def _add_usage(self, delta: int, *, pending: bool = False) -> int:
+        with self._locked():
+            return self._add_usage_locked(delta, pending=pending)
+
+    def _add_usage_locked(self, delta: int, *, pending: bool = False) -> int:
+        """Add to the shared counter and return it; recount from the files when it is missing or old.
+
+        `pending`: the delta is about bytes not yet written (a reservation), so a recount adds it."""
+        state = self._read_usage()
+        if state is None or time.time() - state[1] > RESCAN_INTERVAL or state[0] + delta < 0:
+            # First use of the folder, a periodic check, or drift (races between processes): recount.
+            total = self._scan_locked(evict=False) + (delta if pending else 0)
+            os.pwrite(self._usage_fd, _USAGE.pack(total, time.time()), 0)
+            return total
+        used = state[0] + delta
+        os.pwrite(self._usage_fd, _USAGE.pack(used, state[1]), 0)
+        return used
+
+    def _recount(self) -> int:
+        with self._locked():
+            return self._scan_locked(evict=False)
+
+    def _evict(self) -> None:
+        with self._locked():
+            self._scan_locked(evict=True)
+
+    def _scan_locked(self, *, evict: bool) -> int:
+        """Recount every file (lock held); when `evict`, remove least-recently-used entries down to EVICT_TO."""
+        now = time.time()
+        metas: list[tuple[int, str, int]] = []  # (last use ns, sid, size)
+        for folder in _subfolders(self._meta):
+            for item in _scan(folder):
+                with contextlib.suppress(FileNotFoundError):
+                    st = item.stat()
+                    metas.append((st.st_mtime_ns, item.name, st.st_size))
+        known = {sid for _, sid, _ in metas}
+        bodies: dict[str, list[tuple[str, int]]] = {}
+        total = sum(size for _, _, size in metas)
+        for folder in _subfolders(self._body):
+            for item in _scan(folder):
+                with contextlib.suppress(FileNotFoundError):
+                    st = item.stat()
+                    sid = item.name.partition(".")[0]
+                    if sid not in known and now - st.st_mtime > TEMP_MAX_AGE:
+                        os.unlink(item.path)  # orphan of a crashed put (body renamed, meta never was)
+                        continue
+                    bodies.setdefault(sid, []).append((item.path, st.st_size))
+                    total += st.st_size
+        if evict and total > self.max_bytes:
+            target = int(self.max_bytes * EVICT_TO)
+            for _, sid, size in sorted(metas):
+                if total <= target:
+                    break
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._meta_path(sid))
+                total -= size
+                for path, body_size in bodies.pop(sid, []):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+                        self._verified.pop(path, None)
+                    total -= body_size
+        os.pwrite(self._usage_fd, _USAGE.pack(total, now), 0)
+        return total
+
+    def _clean_temp(self, now: float) -> None:
+        """Remove temp files left by crashed writers (ours and the fetcher's) once they are an hour old."""
+        for item in _scan(self._tmp):
+            with contextlib.suppress(FileNotFoundError):
+                if now - item.stat().st_mtime > TEMP_MAX_AGE:
+                    os.unlink(item.path)
+
+
+def _close_all(fds: tuple[int, ...]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _size_of(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return None
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return [Path(item.path) for item in _scan(folder) if item.is_dir(follow_symlinks=False)]
+
+
+def _scan(folder: Path) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(folder) as items:
+            return list(items)
+    except FileNotFoundError:
+        return []

@@ -1,0 +1,187 @@
+"""The `moxy` command: a thin layer over config, signing and the app.
+
+Exit codes: 0 success, 1 the input was refused (bad URL, failed verification), 2 bad configuration."""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from moxy import __version__
+from moxy.config import Settings, load_settings
+from moxy.errors import ConfigError, MoxyError, VerificationError
+from moxy.signing import Signer
+
+__all__ = ["main"]
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(f"moxy: {message}", err=True)
+    sys.exit(code)
+
+
+def _settings(**flags: Any) -> Settings:
+    try:
+        return load_settings(**flags)
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+
+
+def _signer(settings: Settings) -> Signer:
+    try:
+        return Signer(settings.signing_keys(), settings.base_url, camo_keys=settings.camo_keys())
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+
+
+def new_key() -> str:
+    """A fresh 32-byte key, base64url without padding (43 characters)."""
+    return base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode("ascii")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="moxy")
+def main() -> None:
+    """Moxy: an HMAC-signed caching URL proxy."""
+
+
+@main.command()
+@click.argument("url")
+@click.option("--expires", type=click.IntRange(min=1), help="Seconds until the signed URL expires.")
+@click.option("--base-url", help="Public base URL of Moxy [MOXY_BASE_URL].")
+def sign(url: str, expires: int | None, base_url: str | None) -> None:
+    """Print the signed Moxy URL for URL."""
+    signer = _signer(_settings(base_url=base_url))
+    try:
+        click.echo(signer.sign(url, expires_in=expires))
+    except ValueError as exc:  # UnsignableURL, or an expiry past what a Moxy URL can carry
+        _fail(f"cannot sign {url!r}: {exc}", 1)
+
+
+@main.command()
+@click.argument("moxy_url")
+def verify(moxy_url: str) -> None:
+    """Print the upstream URL a Moxy URL stands for, or exit 1 with the reason."""
+    signer = _signer(_settings())
+    try:
+        click.echo(signer.verify(moxy_url))
+    except VerificationError as exc:
+        _fail(f"refused: {exc.reason}", 1)
+
+
+@main.command()
+def keygen() -> None:
+    """Print a new random key (32 bytes, base64url)."""
+    click.echo(new_key())
+
+
+@main.command("config")
+def show_config() -> None:
+    """Print the effective configuration, secrets masked."""
+    for name, value in _settings().masked().items():
+        click.echo(f"{name}={'' if value is None else value}")
+
+
+def ensure_key_file(path: Path) -> bool:
+    """Create `path` holding a fresh key (mode 0600) unless it exists. True when a key was made."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return False
+    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+        handle.write(new_key() + "\n")
+    return True
+
+
+def _print_welcome(settings: Settings, signer: Signer) -> None:
+    key_source = f"MOXY_KEY_FILE={settings.key_file} " if settings.key is None else ""
+    example = signer.sign("https://www.python.org/static/img/python-logo.png")
+    click.echo(
+        f"moxy {__version__}: serving on http://{settings.host}:{settings.port} "
+        f"({settings.workers} worker{'s' if settings.workers > 1 else ''}, cache in {settings.cache_dir})\n"
+        f"  sign a URL:  {key_source}{sys.argv[0]} sign https://example.com/picture.png\n"
+        f"  example:     {example}",
+        err=True,
+    )
+
+
+@main.command()
+@click.option("--host", help="Interface to listen on [MOXY_HOST].")
+@click.option("--port", type=int, help="Port to listen on [MOXY_PORT].")
+@click.option("--workers", type=int, help="Worker processes [MOXY_WORKERS].")
+@click.option("--init-key", is_flag=True, help="Create MOXY_KEY_FILE with a fresh key if it does not exist.")
+def serve(host: str | None, port: int | None, workers: int | None, init_key: bool) -> None:
+    """Run the proxy."""
+    import uvicorn
+
+    flags = {"host": host, "port": port, "workers": workers}
+    settings = _settings(**flags)
+    if init_key and settings.key is None and settings.key_file is not None:
+        if ensure_key_file(settings.key_file):
+            click.echo(f"moxy: generated a new key in {settings.key_file}", err=True)
+    signer = _signer(settings)  # a missing or short key stops start-up here, with one line
+    _print_welcome(settings, signer)
+    # Worker processes rebuild Settings from the environment, so given flags travel there.
+    for name, value in flags.items():
+        if value is not None:
+            os.environ[f"MOXY_{name.upper()}"] = str(value)
+    uvicorn.run(
+        "moxy.app:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        access_log=False,
+        server_header=False,
+        proxy_headers=False,
+        timeout_graceful_shutdown=30,
+        log_level="warning",
+    )
+
+
+@main.command()
+@click.argument("url")
+@click.option("--endpoint", help="Base URL of the running Moxy (default: MOXY_BASE_URL).")
+def purge(url: str, endpoint: str | None) -> None:
+    """Ask a running Moxy to drop URL (a Moxy URL or an upstream URL) from every tier."""
+    import urllib.error
+    import urllib.request
+
+    import orjson
+
+    settings = _settings()
+    if settings.purge_token is None:
+        _fail("MOXY_PURGE_TOKEN: not set; purge needs the token the server was started with", 2)
+    target = (endpoint or settings.base_url).rstrip("/") + "/purge"
+    request = urllib.request.Request(
+        target,
+        data=orjson.dumps({"url": url}),
+        method="POST",
+        headers={
+            "Authorization": f"Bearer {settings.purge_token.get_secret_value()}",
+            "Content-Type": "application/json",
+        },
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:  # the endpoint is the operator's own Moxy
+            body = orjson.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode("utf-8", "replace").strip()
+        _fail(f"purge refused ({exc.code}): {detail}", 1)
+    except (urllib.error.URLError, OSError) as exc:
+        _fail(f"cannot reach {target}: {exc}", 1)
+    click.echo(f"purged {body.get('removed', 0)} entr{'y' if body.get('removed') == 1 else 'ies'}")
+
+
+def run() -> None:  # pragma: no cover - `python -m moxy`
+    try:
+        main()
+    except MoxyError as exc:
+        _fail(str(exc), 1)

@@ -1,0 +1,185 @@
+"""Settings: the one reader of MOXY_* environment variables.
+
+CLI flags arrive as init kwargs, which pydantic-settings ranks above the environment, so a flag given
+on the command line wins without any code. Construction has no side effects: folders, sockets and a
+first-start key are made by the composition roots (`app.create_app`, `cli serve`)."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from moxy.errors import ConfigError
+
+__all__ = ["DEFAULT_CONTENT_TYPES", "Settings", "load_settings"]
+
+MIN_KEY_BYTES = 16  # mirrors moxy.signing.MIN_KEY_BYTES; config sits below signing in the layers
+
+DEFAULT_CONTENT_TYPES: tuple[str, ...] = (
+    "image/*",
+    "video/*",
+    "audio/*",
+    "font/*",
+    "application/font-woff",
+    "application/font-woff2",
+    "application/x-font-ttf",
+    "application/x-font-otf",
+    "application/vnd.ms-fontobject",
+    "application/json",
+    "application/*+json",
+    "application/ogg",
+)
+
+CommaList = Annotated[tuple[str, ...], NoDecode]
+
+
+def _split_commas(value: Any) -> Any:
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
+
+
+class Settings(BaseSettings):
+    """Every setting of Moxy. Field `foo_bar` is read from `MOXY_FOO_BAR`."""
+
+    model_config = SettingsConfigDict(env_prefix="MOXY_", extra="forbid", frozen=True, validate_default=True)
+
+    # -- keys and URLs (DESIGN section 1)
+    key: SecretStr | None = None
+    key_file: Path | None = None
+    camo_key: SecretStr | None = None
+    base_url: str = "http://127.0.0.1:8080"
+
+    # -- server
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    workers: int = Field(default=1, ge=1, le=256)
+    purge_token: SecretStr | None = None
+    access_log: bool = True
+
+    # -- upstream
+    connect_timeout: float = Field(default=5.0, gt=0)
+    read_timeout: float = Field(default=10.0, gt=0)
+    total_timeout: float = Field(default=30.0, gt=0)
+    max_body_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
+    max_redirects: int = Field(default=5, ge=0, le=50)
+    forward_headers: CommaList = ("Accept",)
+    allowed_networks: CommaList = ()
+    allow_hosts: CommaList = ()
+    deny_hosts: CommaList = ()
+
+    # -- cache (DESIGN section 4)
+    cache_dir: Path = Path("var/cache")
+    memory_cache_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
+    memory_max_entry_bytes: int = Field(default=2 * 1024 * 1024, ge=0)
+    disk_cache_bytes: int = Field(default=4 * 1024 * 1024 * 1024, ge=0)
+    redis_url: SecretStr | None = None
+    ttl_min: int = Field(default=60, ge=0)
+    ttl_max: int = Field(default=30 * 24 * 3600, ge=0)
+    ttl_default: int = Field(default=3600, ge=0)
+    stale_while_revalidate: int = Field(default=60, ge=0)
+    stale_if_error: int = Field(default=7 * 24 * 3600, ge=0)
+    negative_ttl: int = Field(default=10, ge=0)
+    lock_timeout: float = Field(default=30.0, gt=0)
+
+    # -- validation (DESIGN section 5)
+    content_types: CommaList = DEFAULT_CONTENT_TYPES
+    rules_file: Path | None = None
+    validators: CommaList = ()
+
+    _split = field_validator(
+        "forward_headers", "allowed_networks", "allow_hosts", "deny_hosts", "content_types", "validators", mode="before"
+    )(_split_commas)
+
+    @field_validator("base_url")
+    @classmethod
+    def _check_base_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _check_networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{cidr!r} is not a network in CIDR form") from exc
+        return value
+
+    @field_validator("forward_headers")
+    @classmethod
+    def _check_forward_headers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        never = {"cookie", "authorization", "proxy-authorization", "host", "connection"}
+        for name in value:
+            if name.lower() in never:
+                raise ValueError(f"{name} may never be forwarded upstream")
+        return value
+
+    @model_validator(mode="after")
+    def _check_ttls(self) -> Settings:
+        if self.ttl_min > self.ttl_max:
+            raise ValueError("MOXY_TTL_MIN is larger than MOXY_TTL_MAX")
+        return self
+
+    # -- derived values ---------------------------------------------------------
+
+    def signing_keys(self) -> list[str]:
+        """The key ring: MOXY_KEY, else the comma-separated keys in MOXY_KEY_FILE. The first signs."""
+        if self.key is not None:
+            raw, setting = self.key.get_secret_value(), "MOXY_KEY"
+        elif self.key_file is not None:
+            setting = "MOXY_KEY_FILE"
+            try:
+                raw = self.key_file.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ConfigError(setting, f"cannot read {self.key_file}: {exc.strerror}") from exc
+        else:
+            raise ConfigError("MOXY_KEY", "no key configured (set MOXY_KEY or MOXY_KEY_FILE; `moxy keygen` makes one)")
+        keys = [part.strip() for part in raw.replace("\n", ",").split(",") if part.strip()]
+        if not keys:
+            raise ConfigError(setting, "holds no key")
+        for position, key in enumerate(keys, start=1):
+            if len(key.encode("utf-8")) < MIN_KEY_BYTES:
+                raise ConfigError(setting, f"key {position} is shorter than {MIN_KEY_BYTES} bytes")
+        return keys
+
+    def camo_keys(self) -> list[str]:
+        if self.camo_key is None:
+            return []
+        return [part.strip() for part in self.camo_key.get_secret_value().split(",") if part.strip()]
+
+    def masked(self) -> dict[str, Any]:
+        """The effective configuration with every secret replaced by a mask, for `moxy config`."""
+        shown: dict[str, Any] = {}
+        for name, value in self.model_dump().items():
+            if isinstance(value, SecretStr):
+                value = "********" if value.get_secret_value() else ""
+            elif isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, tuple):
+                value = ",".join(value)
+            shown[f"MOXY_{name.upper()}"] = value
+        return shown
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from the environment, with `overrides` (CLI flags actually given) winning.
+
+    Raises ConfigError naming the first bad setting the way the user wrote it."""
+    given = {name: value for name, value in overrides.items() if value is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        location = error["loc"][0] if error["loc"] else ""
+        setting = f"MOXY_{str(location).upper()}" if location else "MOXY"
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if not location and "MOXY_" in message:
+            setting, _, message = message.partition(" ")
+        raise ConfigError(setting, message) from None

@@ -1,0 +1,427 @@
+"""The request flow of DESIGN section 3 as one framework-free coroutine.
+
+verify -> policy -> cache lookup -> decide -> fetch (coalesced) -> validate -> store | stale-if-error -> Outcome.
+Nothing here knows Starlette or httpx; the app renders the Outcome and the upstream module does the I/O."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import Protocol
+
+from cachetools import TTLCache
+
+from moxy.cache import Storage
+from moxy.cache.entry import BodyFile, Entry, make_key
+from moxy.cache.freshness import Decision, FreshnessRules, assess, current_age, decide, is_storable, usable_on_error
+from moxy.errors import DestinationRefused, MoxyError, UpstreamError, VerificationError
+from moxy.policy import DestinationPolicy
+from moxy.signing import Signer
+from moxy.upstream import UpstreamResponse
+from moxy.validation import Candidate, Reject, ValidatorChain
+
+__all__ = ["CacheResult", "Failed", "OpenBody", "Outcome", "Proxy", "ProxyRequest", "Served"]
+
+# Response headers kept in the cache and passed on; everything else the upstream sent is dropped (DESIGN section 6).
+STORED_HEADERS = frozenset(
+    {
+        "content-type",
+        "content-language",
+        "content-disposition",
+        "last-modified",
+        "access-control-allow-origin",
+        "timing-allow-origin",
+        # Kept for the freshness arithmetic of a later 304 (RFC 9111 §4.3.4); never sent as they are.
+        "cache-control",
+        "expires",
+        "date",
+    }
+)
+HEAD_SAMPLE_BYTES = 64 * 1024
+UNCACHEABLE_MARK_SECONDS = 5.0
+
+
+class CacheResult(StrEnum):
+    HIT = "HIT"
+    MISS = "MISS"
+    STALE = "STALE"
+    REVALIDATED = "REVALIDATED"
+    BYPASS = "BYPASS"
+
+
+class OpenBody:
+    """A body held by an open file descriptor, read with pread so several responses can share it.
+
+    The file may already be unlinked (a spooled upstream body) or replaced in the cache folder; the open
+    descriptor keeps the bytes readable until the last response using it is garbage collected."""
+
+    __slots__ = ("__weakref__", "fd", "length", "offset")
+
+    def __init__(self, fd: int, offset: int, length: int) -> None:
+        self.fd = fd
+        self.offset = offset
+        self.length = length
+        weakref.finalize(self, os.close, fd)
+
+    @classmethod
+    def open(cls, path: str, offset: int, length: int) -> OpenBody:
+        return cls(os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)), offset, length)
+
+    def read(self, start: int, size: int) -> bytes:
+        """Up to `size` bytes from position `start` of the body (blocking: call it from a thread)."""
+        size = max(0, min(size, self.length - start))
+        return os.pread(self.fd, size, self.offset + start) if size else b""
+
+
+Body = bytes | OpenBody
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyRequest:
+    path: str
+    query: str = ""
+    headers: Mapping[str, str] = field(default_factory=dict)  # lowercase names
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    entry: Entry
+    body: Body
+    cache: CacheResult
+    age: float
+    stored: bool = True
+    reason: str | None = None  # why a stale copy was served, or why the answer was not stored
+    upstream_status: int | None = None
+    upstream_seconds: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    error: MoxyError
+    cache: CacheResult = CacheResult.MISS
+    upstream_status: int | None = None
+    upstream_seconds: float | None = None
+
+
+Outcome = Served | Failed
+
+
+class Fetch(Protocol):
+    async def __call__(self, url: str, headers: Mapping[str, str]) -> UpstreamResponse: ...
+
+
+class Proxy:
+    """One per worker. Seams (storage, fetch, clock) are constructor arguments so tests choose real or fake."""
+
+    def __init__(
+        self,
+        *,
+        signer: Signer,
+        policy: DestinationPolicy,
+        storage: Storage,
+        fetch: Fetch,
+        validators: ValidatorChain,
+        freshness: FreshnessRules,
+        forward_headers: tuple[str, ...] = ("Accept",),
+        negative_ttl: float = 10.0,
+        lock_timeout: float = 30.0,
+        clock: Callable[[], float] = time.time,
+        on_rejection: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.signer = signer
+        self.policy = policy
+        self.storage = storage
+        self.fetch = fetch
+        self.validators = validators
+        self.freshness = freshness
+        self.forward_headers = tuple(name.lower() for name in forward_headers)
+        self.negative_ttl = negative_ttl
+        self.lock_timeout = lock_timeout
+        self.clock = clock
+        self.on_rejection = on_rejection
+        self._inflight: dict[str, asyncio.Task[Outcome]] = {}
+        self._background: set[asyncio.Task[Outcome]] = set()
+        self._negative: TTLCache[str, tuple[float, UpstreamError, int | None]] = TTLCache(
+            maxsize=100_000, ttl=max(negative_ttl, 0.001)
+        )
+        self._uncacheable: TTLCache[str, bool] = TTLCache(maxsize=100_000, ttl=UNCACHEABLE_MARK_SECONDS)
+
+    # -- the flow ---------------------------------------------------------------
+
+    async def handle(self, request: ProxyRequest) -> Outcome:
+        try:
+            url = self.signer.verify_path(request.path, request.query).url
+            self.policy.check_url(url)
+        except (VerificationError, DestinationRefused) as exc:
+            return Failed(exc, CacheResult.BYPASS)
+        forwarded = self.forwarded_headers(request.headers)
+        key = make_key(url, forwarded)
+        entry = await self.storage.get(key)
+        now = self.clock()
+        if entry is not None:
+            decision = decide(entry, now)
+            served: Served | None = None
+            if decision is Decision.FRESH:
+                served = await self._serve(entry, CacheResult.HIT, now)
+            elif decision is Decision.STALE_WHILE_REVALIDATE:
+                self._refresh_in_background(key, url, forwarded, entry)
+                served = await self._serve(entry, CacheResult.STALE, now, reason="stale-while-revalidate")
+            if served is not None:
+                return served
+        remembered = self._negative.get(key)
+        if remembered is not None and remembered[0] > now:
+            _, error, status = remembered
+            if entry is not None and usable_on_error(entry, now):
+                served = await self._serve(entry, CacheResult.STALE, now, reason=error.reason)
+                if served is not None:
+                    return served
+            return Failed(error, CacheResult.MISS, upstream_status=status)
+        return await self._coalesced(key, url, forwarded, entry)
+
+    def forwarded_headers(self, headers: Mapping[str, str]) -> dict[str, str]:
+        """The allowlisted client headers, whitespace-normalised: they go upstream and into the cache key."""
+        chosen: dict[str, str] = {}
+        for name in self.forward_headers:
+            value = headers.get(name)
+            if value:
+                chosen[name] = " ".join(value.split())
+        return chosen
+
+    async def purge(self, url_or_moxy_url: str, variants: tuple[Mapping[str, str], ...] = ({},)) -> int:
+        """Remove the entries of one upstream URL from every tier; returns how many were removed."""
+        try:
+            url = self.signer.verify(url_or_moxy_url)
+        except VerificationError:
+            url = url_or_moxy_url
+        removed = 0
+        for forwarded in variants:
+            key = make_key(url, self.forwarded_headers(forwarded))
+            self._negative.pop(key, None)
+            removed += int(await self.storage.delete(key))
+        return removed
+
+    async def aclose(self) -> None:
+        tasks = list(self._background) + list(self._inflight.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- coalescing ---------------------------------------------------------------
+
+    async def _coalesced(self, key: str, url: str, forwarded: dict[str, str], stale: Entry | None) -> Outcome:
+        if key in self._uncacheable:
+            # The last answer for this key could not be stored: queueing behind one fetch would only serialise
+            # the clients, so each fetches on its own.
+            return await self._fetch_and_store(key, url, forwarded, stale, store=False)
+        task = self._inflight.get(key)
+        if task is None:
+            task = self._start(key, url, forwarded, stale)
+        try:
+            # shield: a client that goes away must not cancel the fetch the other waiters share.
+            return await asyncio.wait_for(asyncio.shield(task), timeout=self.lock_timeout)
+        except TimeoutError:
+            return await self._fetch_and_store(key, url, forwarded, stale, store=False)
+
+    def _start(self, key: str, url: str, forwarded: dict[str, str], stale: Entry | None) -> asyncio.Task[Outcome]:
+        task = asyncio.get_running_loop().create_task(self._fetch_and_store(key, url, forwarded, stale, store=True))
+        self._inflight[key] = task
+        task.add_done_callback(lambda done: self._inflight.pop(key, None) if self._inflight.get(key) is done else None)
+        return task
+
+    def _refresh_in_background(self, key: str, url: str, forwarded: dict[str, str], stale: Entry) -> None:
+        if key in self._inflight:
+            return
+        task = self._start(key, url, forwarded, stale)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- fetch, validate, store ----------------------------------------------------
+
+    async def _fetch_and_store(
+        self, key: str, url: str, forwarded: dict[str, str], stale: Entry | None, *, store: bool
+    ) -> Outcome:
+        headers = dict(forwarded)
+        if stale is not None:
+            if stale.etag:
+                headers["if-none-match"] = stale.etag
+            if stale.last_modified:
+                headers["if-modified-since"] = stale.last_modified
+        started = time.perf_counter()
+        try:
+            response = await self.fetch(url, headers)
+        except DestinationRefused as exc:
+            return Failed(exc, CacheResult.MISS)
+        except UpstreamError as exc:
+            return await self._failure(key, stale, exc, None, time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        try:
+            return await self._accept(key, url, stale, response, elapsed, store=store)
+        finally:
+            if response.body_path is not None:
+                _unlink_quietly(response.body_path)
+
+    async def _accept(
+        self, key: str, url: str, stale: Entry | None, response: UpstreamResponse, elapsed: float, *, store: bool
+    ) -> Outcome:
+        status = response.status
+        if status == 304 and stale is not None:
+            return await self._revalidated(stale, response, elapsed)
+        if not 200 <= status < 300:
+            error = UpstreamError(f"upstream-status-{status}", status=status)
+            return await self._failure(key, stale, error, status, elapsed)
+        body: Body
+        if response.body is not None:
+            body = response.body
+            digest = hashlib.sha256(body).hexdigest()
+            sample = body
+        else:
+            assert response.body_path is not None
+            body = await asyncio.to_thread(OpenBody.open, response.body_path, 0, response.length)
+            full = self.validators.needs_full_body(response.headers.get("content-type", ""))
+            sample, digest = await asyncio.to_thread(_read_and_digest, body, None if full else HEAD_SAMPLE_BYTES)
+        verdict = self.validators.validate(
+            Candidate(
+                url=url,
+                host=self.policy.check_url(url).host,
+                status=status,
+                headers=response.headers,
+                body=sample,
+                length=response.length,
+                declared_length=response.declared_length,
+                complete_body=len(sample) == response.length,
+            )
+        )
+        if isinstance(verdict, Reject):
+            if self.on_rejection is not None:
+                self.on_rejection(verdict.reason, url)
+            error = UpstreamError(verdict.reason, status=status)
+            return await self._failure(key, stale, error, status, elapsed, detail=verdict.detail)
+        now = self.clock()
+        fresh = assess(
+            response.headers,
+            request_time=response.request_time,
+            response_time=response.response_time,
+            rules=self.freshness,
+        )
+        entry = Entry(
+            key=key,
+            url=url,
+            status=status,
+            headers=tuple((name, value) for name, value in response.headers.items() if name in STORED_HEADERS),
+            stored_at=response.response_time,
+            age=fresh.age,
+            lifetime=fresh.lifetime,
+            stale_while_revalidate=fresh.stale_while_revalidate,
+            stale_if_error=fresh.stale_if_error,
+            must_revalidate=fresh.must_revalidate,
+            no_cache=fresh.no_cache,
+            etag=response.headers.get("etag"),
+            last_modified=response.headers.get("last-modified"),
+            digest=digest,
+            length=response.length,
+            body=body if isinstance(body, bytes) else BodyFile(response.body_path or "", 0, response.length),
+        )
+        storable = is_storable(status, response.headers)
+        if not storable:
+            self._uncacheable[key] = True
+        if storable and store:
+            await self.storage.put(entry)
+            self._negative.pop(key, None)
+        cache = CacheResult.MISS if storable else CacheResult.BYPASS
+        return Served(
+            entry,
+            body,
+            cache,
+            age=current_age(entry, now),
+            stored=storable and store,
+            reason=None if storable else "uncacheable",
+            upstream_status=status,
+            upstream_seconds=elapsed,
+        )
+
+    async def _revalidated(self, stale: Entry, response: UpstreamResponse, elapsed: float) -> Outcome:
+        # RFC 9111 §4.3.4: the 304's headers update the stored ones; the body stays.
+        merged = dict(stale.headers)
+        merged.update(response.headers)
+        fresh = assess(
+            merged, request_time=response.request_time, response_time=response.response_time, rules=self.freshness
+        )
+        refreshed = stale.refreshed(
+            stored_at=response.response_time,
+            age=fresh.age,
+            lifetime=fresh.lifetime,
+            stale_while_revalidate=fresh.stale_while_revalidate,
+            stale_if_error=fresh.stale_if_error,
+            must_revalidate=fresh.must_revalidate,
+            no_cache=fresh.no_cache,
+            etag=response.headers.get("etag") or stale.etag,
+            last_modified=response.headers.get("last-modified") or stale.last_modified,
+        )
+        await self.storage.touch(refreshed)
+        self._negative.pop(refreshed.key, None)
+        served = await self._serve(refreshed, CacheResult.REVALIDATED, self.clock())
+        if served is None:
+            return await self._fetch_and_store(refreshed.key, refreshed.url, {}, None, store=True)
+        return replace(served, upstream_status=304, upstream_seconds=elapsed)
+
+    async def _failure(
+        self,
+        key: str,
+        stale: Entry | None,
+        error: UpstreamError,
+        status: int | None,
+        elapsed: float | None,
+        detail: str = "",
+    ) -> Outcome:
+        now = self.clock()
+        if self.negative_ttl > 0:
+            self._negative[key] = (now + self.negative_ttl, error, status)
+        if stale is not None and usable_on_error(stale, now):
+            # The reason Moxy exists: a bad answer never replaces the good copy, which keeps being served.
+            served = await self._serve(stale, CacheResult.STALE, now, reason=error.reason)
+            if served is not None:
+                return replace(served, upstream_status=status, upstream_seconds=elapsed)
+        return Failed(error, CacheResult.MISS, upstream_status=status, upstream_seconds=elapsed)
+
+    async def _serve(self, entry: Entry, cache: CacheResult, now: float, reason: str | None = None) -> Served | None:
+        """The entry ready to send, or None when its body file vanished (evicted between lookup and open)."""
+        body: Body
+        if isinstance(entry.body, BodyFile):
+            source = entry.body
+            try:
+                body = await asyncio.to_thread(OpenBody.open, source.path, source.offset, source.length)
+            except FileNotFoundError:
+                return None
+        else:
+            body = entry.body
+        return Served(entry, body, cache, age=current_age(entry, now), reason=reason)
+
+
+def _read_and_digest(body: OpenBody, sample_size: int | None) -> tuple[bytes, str]:
+    """Hash the whole body and return its first `sample_size` bytes (all of it when None)."""
+    digest = hashlib.sha256()
+    sample = bytearray()
+    position = 0
+    chunk = 1024 * 1024
+    while position < body.length:
+        data = body.read(position, chunk)
+        if not data:
+            break
+        digest.update(data)
+        if sample_size is None or len(sample) < sample_size:
+            sample += data if sample_size is None else data[: sample_size - len(sample)]
+        position += len(data)
+    return bytes(sample), digest.hexdigest()
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

@@ -1,0 +1,96 @@
+"""Moxy under real uvicorn in a child process, on an ephemeral port bound by the test (no port race)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from moxy.signing import Signer
+
+TEST_KEY = "integration-test-key-0123456789"
+
+
+class MoxyServer:
+    def __init__(self, cache_dir: Path, *, workers: int = 1, **settings: Any) -> None:
+        self.cache_dir = cache_dir
+        self.workers = workers
+        self.settings = settings
+        self.process: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self.log_path = cache_dir.parent / f"moxy-{id(self)}.log"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> MoxyServer:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1024)
+        listener.set_inheritable(True)
+        self.port = listener.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MOXY_")}
+        env.update(
+            {
+                "MOXY_KEY": TEST_KEY,
+                "MOXY_BASE_URL": self.base_url,
+                "MOXY_CACHE_DIR": str(self.cache_dir),
+                "MOXY_ALLOWED_NETWORKS": "127.0.0.0/8,::1/128",
+            }
+        )
+        env.update({f"MOXY_{name.upper()}": str(value) for name, value in self.settings.items()})
+        command = [sys.executable, "-m", "uvicorn", "--factory", "moxy.app:create_app", "--fd", str(listener.fileno())]
+        command += ["--workers", str(self.workers), "--log-level", "warning", "--no-access-log"]
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(command, env=env, pass_fds=[listener.fileno()], stderr=log, stdout=log)
+        listener.close()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"moxy exited {self.process.returncode}: {self.log()[-2000:]}")
+            try:
+                if httpx.get(self.base_url + "/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        raise RuntimeError(f"moxy did not start: {self.log()[-2000:]}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def sign(self, url: str, expires_in: float | None = None) -> str:
+        return Signer([TEST_KEY], self.base_url).sign(url, expires_in=expires_in)
+
+    def get(self, url: str, **kwargs: Any) -> httpx.Response:
+        return httpx.get(self.sign(url), timeout=kwargs.pop("timeout", 30), **kwargs)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+
+    def peak_rss_kib(self) -> int:
+        assert self.process is not None
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmHWM")
+
+    def __enter__(self) -> MoxyServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,429 @@
+"""The `moxy` command (moxy.cli) through click's CliRunner: sign, verify, keygen, config, serve start-up errors.
+
+Exit codes under test: 0 success, 1 refused input, 2 bad configuration, always with one line on stderr."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import re
+import stat
+import time
+import urllib.error
+import urllib.request
+from email.message import Message
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from click.testing import CliRunner, Result
+
+from moxy import __version__
+from moxy.cli import ensure_key_file, main, new_key
+from moxy.signing import Signer
+
+KEY = "k3y-for-tests-0123456789abcdef"
+OLD_KEY = "an-older-key-that-was-rotated-out"
+BASE = "https://cdn.example.com"
+
+URLS = [
+    pytest.param("https://example.com/pic.png", id="ascii"),
+    pytest.param("https://example.com/a%20b/%E2%9C%93.png?q=%2F%3F%26", id="percent-encoded"),
+    pytest.param("https://example.com/café/ñandú.png?q=日本語", id="non-ascii"),
+]
+# serve copies given flags into the environment for its workers; these are restored after each test.
+SERVE_WRITES = ("MOXY_HOST", "MOXY_PORT", "MOXY_WORKERS")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in SERVE_WRITES:
+        monkeypatch.setenv(name, "")  # recorded, so whatever serve writes is undone
+    for name in list(os.environ):
+        if name.upper().startswith("MOXY_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def uvicorn_calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Replaces uvicorn.run: records its arguments instead of serving."""
+    calls: list[dict[str, Any]] = []
+
+    def fake_run(app: str, **kwargs: Any) -> None:
+        calls.append({"app": app, **kwargs})
+
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    return calls
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
+
+
+def one_line_error(result: Result, code: int) -> str:
+    """Assert the result failed with `code` and said so in exactly one line on stderr; return that line."""
+    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("moxy: ")
+    return lines[0]
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode("ascii").rstrip("=")
+
+
+def reference_sign(url: str, key: str, base_url: str, exp: int | None = None) -> str:
+    """DESIGN section 1, written out by hand (independent of moxy.signing)."""
+    message = url.encode("utf-8") + (b"" if exp is None else b"\n" + str(exp).encode("ascii"))
+    digest = _b64(hmac.new(key.encode("utf-8"), message, hashlib.sha256).digest())
+    signed = f"{base_url.rstrip('/')}/{digest}/{_b64(url.encode('utf-8'))}"
+    return signed if exp is None else f"{signed}?e={exp}"
+
+
+# -- sign -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("url", URLS)
+def test_sign_prints_the_design_format(url: str) -> None:
+    result = run("sign", url, env={"MOXY_KEY": KEY, "MOXY_BASE_URL": BASE})
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == reference_sign(url, KEY, BASE) + "\n"
+    assert result.stderr == ""
+
+
+def test_sign_default_base_url() -> None:
+    url = "https://example.com/pic.png"
+    result = run("sign", url, env={"MOXY_KEY": KEY})
+    assert result.stdout == reference_sign(url, KEY, "http://127.0.0.1:8080") + "\n"
+
+
+@pytest.mark.parametrize("url", URLS)
+@pytest.mark.parametrize("expires", [1, 3600])
+def test_sign_with_expiry(url: str, expires: int) -> None:
+    before = int(time.time())
+    result = run("sign", url, "--expires", str(expires), env={"MOXY_KEY": KEY, "MOXY_BASE_URL": BASE})
+    after = int(time.time()) + 1
+    assert result.exit_code == 0, result.stderr
+    match = re.fullmatch(r"(.+)\?e=([0-9]+)\n", result.stdout)
+    assert match is not None, result.stdout
+    exp = int(match.group(2))
+    # The expiry is read back; the digest must still be exactly what DESIGN section 1 says for it.
+    assert result.stdout == reference_sign(url, KEY, BASE, exp=exp) + "\n"
+    assert before + expires <= exp <= after + expires
+
+
+@pytest.mark.parametrize("base_url", ["https://other.example", "https://other.example/"])
+def test_sign_base_url_flag_wins(base_url: str) -> None:
+    url = "https://example.com/pic.png"
+    result = run("sign", url, "--base-url", base_url, env={"MOXY_KEY": KEY, "MOXY_BASE_URL": BASE})
+    assert result.stdout == reference_sign(url, KEY, "https://other.example") + "\n"
+
+
+def test_sign_uses_the_first_key() -> None:
+    url = "https://example.com/pic.png"
+    result = run("sign", url, env={"MOXY_KEY": f"{KEY},{OLD_KEY}", "MOXY_BASE_URL": BASE})
+    assert result.stdout == reference_sign(url, KEY, BASE) + "\n"
+
+
+def test_sign_reads_the_key_file(tmp_path: Path) -> None:
+    (tmp_path / "keys").write_text(f"{KEY}\n{OLD_KEY}\n", encoding="utf-8")
+    url = "https://example.com/pic.png"
+    result = run("sign", url, env={"MOXY_KEY_FILE": str(tmp_path / "keys"), "MOXY_BASE_URL": BASE})
+    assert result.stdout == reference_sign(url, KEY, BASE) + "\n"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        pytest.param("not-a-url", id="not-a-url"),
+        pytest.param("example.com/pic.png", id="no-scheme"),
+        pytest.param("ftp://example.com/pic.png", id="ftp"),
+        pytest.param("https://example.com/a b.png", id="space-inside"),
+        pytest.param("https://example.com/a\tb.png", id="tab-inside"),
+        pytest.param("https://example.com/a.png\n", id="newline-at-end"),
+        pytest.param("https:///pic.png", id="no-host"),
+    ],
+)
+def test_sign_refuses_bad_urls_with_one_line(url: str) -> None:
+    line = one_line_error(run("sign", url, env={"MOXY_KEY": KEY}), 1)
+    assert "cannot sign" in line
+
+
+def test_sign_refuses_an_expiry_too_far_away() -> None:
+    line = one_line_error(run("sign", "https://example.com/", "--expires", str(10**13), env={"MOXY_KEY": KEY}), 1)
+    assert "unix time" in line
+
+
+@pytest.mark.parametrize("expires", ["0", "-5", "soon"])
+def test_sign_refuses_bad_expiry(expires: str) -> None:
+    result = run("sign", "https://example.com/", "--expires", expires, env={"MOXY_KEY": KEY})
+    assert result.exit_code == 2  # click's usage error
+    assert result.stdout == ""
+    assert "--expires" in result.stderr
+
+
+# -- configuration problems exit 2 -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "setting"),
+    [
+        pytest.param({}, "MOXY_KEY", id="no-key"),
+        pytest.param({"MOXY_KEY": "x" * 15}, "MOXY_KEY", id="short-key"),
+        pytest.param({"MOXY_KEY": f"{KEY},tiny"}, "MOXY_KEY", id="short-second-key"),
+        pytest.param({"MOXY_KEY_FILE": "missing.key"}, "MOXY_KEY_FILE", id="missing-key-file"),
+        pytest.param({"MOXY_KEY": KEY, "MOXY_BASE_URL": "ftp://x"}, "MOXY_BASE_URL", id="bad-base-url"),
+        pytest.param({"MOXY_KEY": KEY, "MOXY_PORT": "abc"}, "MOXY_PORT", id="bad-port"),
+    ],
+)
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(("sign", "https://example.com/pic.png"), id="sign"),
+        pytest.param(("verify", f"{BASE}/{'A' * 43}/aHR0cHM6Ly9leGFtcGxlLmNvbS8"), id="verify"),
+    ],
+)
+def test_config_problems_exit_2_with_one_line(env: dict[str, str], setting: str, args: tuple[str, ...]) -> None:
+    line = one_line_error(run(*args, env=env), 2)
+    assert f"{setting}:" in line
+    assert KEY not in line and "x" * 15 not in line  # a key never appears in an error
+
+
+# -- verify --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("url", URLS)
+@pytest.mark.parametrize("expires", [None, "3600"])
+def test_sign_then_verify_round_trips(url: str, expires: str | None) -> None:
+    env = {"MOXY_KEY": KEY, "MOXY_BASE_URL": BASE}
+    signed = run("sign", url, *(["--expires", expires] if expires else []), env=env).stdout.strip()
+    result = run("verify", signed, env=env)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == url + "\n"
+
+
+def test_verify_after_rotation() -> None:
+    url = "https://example.com/old.png"
+    published = run("sign", url, env={"MOXY_KEY": OLD_KEY}).stdout.strip()
+    assert run("verify", published, env={"MOXY_KEY": f"{KEY},{OLD_KEY}"}).stdout == url + "\n"
+    line = one_line_error(run("verify", published, env={"MOXY_KEY": KEY}), 1)
+    assert "signature" in line
+
+
+def test_verify_refuses_every_changed_digest_character() -> None:
+    url = "https://example.com/pic.png"
+    signed = reference_sign(url, KEY, BASE)
+    digest_start = len(BASE) + 1
+    for position in range(digest_start, digest_start + 43):
+        replacement = "A" if signed[position] != "A" else "B"
+        tampered = signed[:position] + replacement + signed[position + 1 :]
+        line = one_line_error(run("verify", tampered, env={"MOXY_KEY": KEY}), 1)
+        assert line.startswith("moxy: refused: ")
+
+
+@pytest.mark.parametrize(
+    "moxy_url",
+    [
+        pytest.param("not a moxy url", id="garbage"),
+        pytest.param(f"{BASE}/", id="no-path"),
+        pytest.param(f"{BASE}/{'A' * 43}/aHR0cHM6Ly9leGFtcGxlLmNvbS8", id="wrong-digest"),
+        pytest.param(f"{BASE}/{'A' * 40}/aHR0cHM6Ly9leGFtcGxlLmNvbS8", id="short-digest"),
+    ],
+)
+def test_verify_refuses_with_one_line(moxy_url: str) -> None:
+    one_line_error(run("verify", moxy_url, env={"MOXY_KEY": KEY}), 1)
+
+
+def test_verify_expired_names_the_expiry() -> None:
+    exp = 1_600_000_000
+    signed = Signer([KEY], BASE, clock=lambda: exp - 60).sign("https://example.com/pic.png", expires_in=60)
+    assert signed.endswith(f"?e={exp}")
+    line = one_line_error(run("verify", signed, env={"MOXY_KEY": KEY}), 1)
+    assert "expired" in line and str(exp) in line
+
+
+def test_verify_camo_form_with_camo_key() -> None:
+    url = "http://example.com/pic.png"
+    digest = hmac.new(b"short-camo-key", url.encode(), hashlib.sha1).hexdigest()
+    camo = f"{BASE}/{digest}/{url.encode().hex()}"
+    result = run("verify", camo, env={"MOXY_KEY": KEY, "MOXY_CAMO_KEY": "short-camo-key"})
+    assert result.stdout == url + "\n"
+    one_line_error(run("verify", camo, env={"MOXY_KEY": KEY}), 1)
+
+
+# -- keygen and config ---------------------------------------------------------------------------------
+
+
+def test_keygen_prints_a_fresh_32_byte_key() -> None:
+    seen = set()
+    for _ in range(3):
+        result = run("keygen")
+        assert result.exit_code == 0
+        key = result.stdout.rstrip("\n")
+        assert result.stdout == key + "\n"
+        assert re.fullmatch(r"[A-Za-z0-9_-]{43}", key)
+        assert len(base64.urlsafe_b64decode(key + "=")) == 32
+        seen.add(key)
+    assert len(seen) == 3
+
+
+def test_new_key_is_usable() -> None:
+    key = new_key()
+    url = "https://example.com/pic.png"
+    result = run("sign", url, env={"MOXY_KEY": key, "MOXY_BASE_URL": BASE})
+    assert result.stdout == reference_sign(url, key, BASE) + "\n"
+
+
+def test_config_masks_secrets(tmp_path: Path) -> None:
+    env = {
+        "MOXY_KEY": f"{KEY},{OLD_KEY}",
+        "MOXY_CAMO_KEY": "short-camo-key",
+        "MOXY_PURGE_TOKEN": "purge-token-value-42",
+        "MOXY_REDIS_URL": "redis://:redis-password-99@127.0.0.1:6379/0",
+        "MOXY_PORT": "9000",
+        "MOXY_ALLOWED_NETWORKS": "127.0.0.0/8,::1/128",
+    }
+    result = run("config", env=env)
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "MOXY_PORT=9000" in lines
+    assert "MOXY_KEY=********" in lines
+    assert "MOXY_PURGE_TOKEN=********" in lines
+    assert "MOXY_ALLOWED_NETWORKS=127.0.0.0/8,::1/128" in lines
+    assert "MOXY_KEY_FILE=" in lines
+    everything = result.stdout + result.stderr
+    for secret in (KEY, OLD_KEY, "short-camo-key", "purge-token-value-42", "redis-password-99"):
+        assert secret not in everything
+
+
+def test_config_with_a_bad_setting_exits_2() -> None:
+    line = one_line_error(run("config", env={"MOXY_PORT": "abc"}), 2)
+    assert "MOXY_PORT" in line
+
+
+def test_version() -> None:
+    result = run("--version")
+    assert result.exit_code == 0
+    assert __version__ in result.stdout
+
+
+# -- serve: configuration is checked before uvicorn starts ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "setting"),
+    [
+        pytest.param((), {"MOXY_KEY": KEY, "MOXY_PORT": "abc"}, "MOXY_PORT", id="env-port-not-int"),
+        pytest.param(("--port", "70000"), {"MOXY_KEY": KEY}, "MOXY_PORT", id="flag-port-too-big"),
+        pytest.param(("--workers", "0"), {"MOXY_KEY": KEY}, "MOXY_WORKERS", id="no-workers"),
+        pytest.param((), {}, "MOXY_KEY", id="no-key"),
+        pytest.param((), {"MOXY_KEY": "x" * 15}, "MOXY_KEY", id="short-key"),
+        pytest.param((), {"MOXY_KEY_FILE": "missing.key"}, "MOXY_KEY_FILE", id="missing-key-file"),
+        pytest.param((), {"MOXY_KEY": KEY, "MOXY_ALLOWED_NETWORKS": "10.0.0.0/40"}, "MOXY_ALLOWED_NETWORKS", id="net"),
+        pytest.param((), {"MOXY_KEY": KEY, "MOXY_FORWARD_HEADERS": "Cookie"}, "MOXY_FORWARD_HEADERS", id="cookie"),
+        pytest.param((), {"MOXY_KEY": KEY, "MOXY_TTL_MIN": "9", "MOXY_TTL_MAX": "1"}, "MOXY_TTL_MIN", id="ttl"),
+    ],
+)
+def test_serve_with_a_bad_setting_exits_2_before_uvicorn(
+    uvicorn_calls: list[dict[str, Any]], args: tuple[str, ...], env: dict[str, str], setting: str
+) -> None:
+    line = one_line_error(run("serve", *args, env=env), 2)
+    assert f"{setting}:" in line
+    assert uvicorn_calls == []
+
+
+def test_serve_passes_settings_to_uvicorn(uvicorn_calls: list[dict[str, Any]]) -> None:
+    result = run("serve", "--port", "9123", "--workers", "2", env={"MOXY_KEY": KEY, "MOXY_HOST": "::1"})
+    assert result.exit_code == 0, result.stderr
+    assert len(uvicorn_calls) == 1
+    call = uvicorn_calls[0]
+    assert call["app"] == "moxy.app:create_app" and call["factory"] is True
+    assert (call["host"], call["port"], call["workers"]) == ("::1", 9123, 2)
+    # Workers rebuild Settings from the environment, so the flags must have been copied there.
+    assert os.environ["MOXY_PORT"] == "9123" and os.environ["MOXY_WORKERS"] == "2"
+    assert KEY not in result.stdout + result.stderr
+
+
+def test_serve_init_key_creates_a_private_key_file(uvicorn_calls: list[dict[str, Any]], tmp_path: Path) -> None:
+    key_file = tmp_path / "state" / "moxy.key"
+    env = {"MOXY_KEY_FILE": str(key_file)}
+    first = run("serve", "--init-key", env=env)
+    assert first.exit_code == 0, first.stderr
+    assert "generated a new key" in first.stderr
+    key = key_file.read_text(encoding="utf-8").strip()
+    assert len(base64.urlsafe_b64decode(key + "=")) == 32
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert key not in first.stdout + first.stderr
+    second = run("serve", "--init-key", env=env)
+    assert second.exit_code == 0 and "generated" not in second.stderr
+    assert key_file.read_text(encoding="utf-8").strip() == key  # kept, so URLs survive restarts
+    assert len(uvicorn_calls) == 2
+
+
+def test_ensure_key_file_keeps_an_existing_file(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / "moxy.key"
+    assert ensure_key_file(path) is True
+    assert ensure_key_file(path) is False
+    assert len(path.read_text(encoding="utf-8").strip()) == 43
+
+
+# -- purge (urlopen replaced: no sockets in unit tests) ------------------------------------------------
+
+
+class _Answer(BytesIO):
+    def __enter__(self) -> _Answer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def test_purge_without_token_exits_2() -> None:
+    line = one_line_error(run("purge", "https://example.com/pic.png", env={"MOXY_KEY": KEY}), 2)
+    assert "MOXY_PURGE_TOKEN" in line
+
+
+def test_purge_posts_the_url_with_the_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    sent: list[urllib.request.Request] = []
+
+    def fake_urlopen(request: urllib.request.Request, timeout: float) -> _Answer:
+        sent.append(request)
+        return _Answer(b'{"removed": 1}')
+
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+    env = {"MOXY_PURGE_TOKEN": "purge-token-value-42", "MOXY_BASE_URL": "http://127.0.0.1:8089/"}
+    result = run("purge", "https://example.com/pic.png", env=env)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == "purged 1 entry\n"
+    (request,) = sent
+    assert request.full_url == "http://127.0.0.1:8089/purge"
+    assert request.get_method() == "POST"
+    assert request.get_header("Authorization") == "Bearer purge-token-value-42"
+    assert request.data == b'{"url":"https://example.com/pic.png"}'
+    assert "purge-token-value-42" not in result.stdout + result.stderr
+
+
+def test_purge_refused_exits_1(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fake_urlopen(request: urllib.request.Request, timeout: float) -> _Answer:
+        raise urllib.error.HTTPError(request.full_url, 401, "Unauthorized", Message(), BytesIO(b"bad token\n"))
+
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+    env = {"MOXY_PURGE_TOKEN": "purge-token-value-42"}
+    line = one_line_error(run("purge", "https://example.com/pic.png", "--endpoint", "http://127.0.0.1:1", env=env), 1)
+    assert "401" in line and "bad token" in line
+
+
+def test_purge_unreachable_exits_1(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fake_urlopen(request: urllib.request.Request, timeout: float) -> _Answer:
+        raise urllib.error.URLError("connection refused")
+
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+    line = one_line_error(run("purge", "https://example.com/x", env={"MOXY_PURGE_TOKEN": "t"}), 1)
+    assert "cannot reach http://127.0.0.1:8080/purge" in line

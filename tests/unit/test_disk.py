@@ -1,0 +1,383 @@
+"""The disk tier beyond the contract: damage detection, restarts, LRU eviction, several workers on one folder."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from moxy.cache import BodyFile, DiskStorage, Entry, make_key, storage_id
+from moxy.cache.disk import MiB
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def make_entry(name: str, body: bytes) -> Entry:
+    url = f"https://img.example/{name}"
+    return Entry(
+        key=make_key(url, {"accept": "image/*"}),
+        url=url,
+        status=200,
+        headers=(("content-type", "image/png"),),
+        stored_at=1_700_000_000.0,
+        age=0.0,
+        lifetime=600.0,
+        stale_while_revalidate=60.0,
+        stale_if_error=3600.0,
+        must_revalidate=False,
+        no_cache=False,
+        etag=None,
+        last_modified=None,
+        digest=hashlib.sha256(body).hexdigest(),
+        length=len(body),
+        body=body,
+    )
+
+
+def meta_file(root: Path, entry: Entry) -> Path:
+    sid = storage_id(entry.key)
+    return root / "meta" / sid[:2] / sid
+
+
+def body_file(root: Path, entry: Entry) -> Path:
+    sid = storage_id(entry.key)
+    return root / "body" / sid[:2] / f"{sid}.{entry.digest}"
+
+
+def bytes_on_disk(root: Path) -> int:
+    return sum(
+        path.stat().st_size for folder in ("meta", "body") for path in (root / folder).rglob("*") if path.is_file()
+    )
+
+
+def flip(path: Path, position: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[position] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def read_body(entry: Entry) -> bytes:
+    if isinstance(entry.body, bytes):
+        return entry.body
+    with open(entry.body.path, "rb") as file:
+        file.seek(entry.body.offset)
+        return file.read(entry.body.length)
+
+
+# -- damage ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("position", [0, 12, 40, -40, -1])
+async def test_flipped_byte_in_meta_is_a_miss_and_removed(tmp_path: Path, position: int):
+    disk = DiskStorage(tmp_path, 64 * MiB)
+    entry = make_entry("a.png", b"small body" * 10)
+    await disk.put(entry)
+    flip(meta_file(tmp_path, entry), position)
+    assert await disk.get(entry.key) is None
+    assert not meta_file(tmp_path, entry).exists()
+    await disk.put(entry)  # a later put replaces it cleanly
+    got = await disk.get(entry.key)
+    assert got is not None and got.body == entry.body
+
+
+@pytest.mark.parametrize("inline_bytes", [MiB, 1024])  # body read as bytes, or handed over as a BodyFile
+async def test_flipped_byte_in_a_body_file_is_a_miss_and_removed(tmp_path: Path, inline_bytes: int):
+    entry = make_entry("big.png", os.urandom(200_000))
+    await DiskStorage(tmp_path, 64 * MiB).put(entry)
+    flip(body_file(tmp_path, entry), 100_000)
+    disk = DiskStorage(tmp_path, 64 * MiB, inline_bytes=inline_bytes)
+    assert await disk.get(entry.key) is None
+    assert not body_file(tmp_path, entry).exists()
+    assert not meta_file(tmp_path, entry).exists()
+
+
+@pytest.mark.parametrize("which", ["meta", "body"])
+async def test_truncated_file_is_a_miss(tmp_path: Path, which: str):
+    disk = DiskStorage(tmp_path, 64 * MiB)
+    entry = make_entry("big.png", os.urandom(200_000))
+    await disk.put(entry)
+    path = meta_file(tmp_path, entry) if which == "meta" else body_file(tmp_path, entry)
+    with open(path, "r+b") as file:
+        file.truncate(path.stat().st_size // 2)
+    assert await DiskStorage(tmp_path, 64 * MiB).get(entry.key) is None
+    await disk.put(entry)
+    assert await disk.get(entry.key) is not None
+
+
+async def test_foreign_file_in_place_of_meta_is_a_miss(tmp_path: Path):
+    disk = DiskStorage(tmp_path, 64 * MiB)
+    entry = make_entry("a.png", b"body")
+    path = meta_file(tmp_path, entry)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"<html>not an entry</html>")
+    assert await disk.get(entry.key) is None
+    assert not path.exists()
+
+
+async def test_missing_body_file_is_a_miss(tmp_path: Path):
+    disk = DiskStorage(tmp_path, 64 * MiB)
+    entry = make_entry("big.png", os.urandom(100_000))
+    await disk.put(entry)
+    body_file(tmp_path, entry).unlink()
+    assert await disk.get(entry.key) is None
+
+
+# -- shapes of bodies --------------------------------------------------------------------------------------------
+
+
+async def test_body_as_bytes_up_to_inline_then_as_file(tmp_path: Path):
+    disk = DiskStorage(tmp_path, 64 * MiB, inline_bytes=150_000)
+    under, over = make_entry("under", os.urandom(150_000)), make_entry("over", os.urandom(150_001))
+    await disk.put(under)
+    await disk.put(over)
+    got_under, got_over = await disk.get(under.key), await disk.get(over.key)
+    assert got_under is not None and got_under.body == under.body
+    assert got_over is not None and isinstance(got_over.body, BodyFile)
+    assert got_over.body.length == 150_001 and read_body(got_over) == over.body
+    assert Path(got_over.body.path).is_relative_to(tmp_path)
+
+
+async def test_touch_does_not_rewrite_a_large_body(tmp_path: Path):
+    disk = DiskStorage(tmp_path, 64 * MiB, inline_bytes=1024)
+    entry = make_entry("big.png", os.urandom(300_000))
+    await disk.put(entry)
+    stored = await disk.get(entry.key)
+    assert stored is not None
+    before = body_file(tmp_path, entry).stat()
+    meta_before = meta_file(tmp_path, entry).stat().st_ino
+    refreshed = stored.refreshed(
+        stored_at=1_800_000_000.0,
+        age=0.0,
+        lifetime=99.0,
+        stale_while_revalidate=0.0,
+        stale_if_error=0.0,
+        must_revalidate=False,
+        no_cache=False,
+        etag='"new"',
+        last_modified=None,
+    )
+    await disk.touch(refreshed)
+    after = body_file(tmp_path, entry).stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert meta_file(tmp_path, entry).stat().st_ino != meta_before
+    got = await disk.get(entry.key)
+    assert got is not None and got.etag == '"new"' and got.lifetime == 99.0 and read_body(got) == entry.body
+
+
+async def test_touch_with_metadata_only_reuses_the_stored_small_body(tmp_path: Path):
+    disk = DiskStorage(tmp_path, 64 * MiB)
+    entry = make_entry("a.png", b"small")
+    await disk.put(entry)
+    await disk.touch(entry.with_body(b"").refreshed(
+        stored_at=1.0, age=0.0, lifetime=5.0, stale_while_revalidate=0.0, stale_if_error=0.0,
+        must_revalidate=False, no_cache=False, etag='"x"', last_modified=None,
+    ))  # fmt: skip
+    got = await disk.get(entry.key)
+    assert got is not None and got.body == b"small" and got.etag == '"x"'
+
+
+async def test_touch_of_an_evicted_entry_is_quiet(tmp_path: Path):
+    disk = DiskStorage(tmp_path, 64 * MiB)
+    gone = make_entry("gone.png", b"x" * 100_000).with_body(BodyFile(str(tmp_path / "nope"), 0, 100_000))
+    await disk.touch(gone)
+    assert await disk.get(gone.key) is None
+
+
+async def test_put_refuses_a_body_of_the_wrong_length(tmp_path: Path):
+    disk = DiskStorage(tmp_path, 64 * MiB)
+    entry = make_entry("a.png", b"abc")
+    with pytest.raises(ValueError):
+        await disk.put(entry.with_body(b"ab"))
+
+
+async def test_spooled_source_stays_intact_and_cache_copy_is_independent_of_its_path(tmp_path: Path):
+    disk = DiskStorage(tmp_path / "cache", 64 * MiB, inline_bytes=1024)
+    body = os.urandom(500_000)
+    spool = disk.spool_dir / "fetch-1"
+    spool.write_bytes(body)
+    entry = make_entry("big.png", body).with_body(BodyFile(str(spool), 0, len(body)))
+    await disk.put(entry)
+    assert spool.read_bytes() == body
+    os.unlink(spool)
+    got = await disk.get(entry.key)
+    assert got is not None and read_body(got) == body
+
+
+# -- restarts, workers, eviction ---------------------------------------------------------------------------------------
+
+
+async def test_restart_sees_entries(tmp_path: Path):
+    first = DiskStorage(tmp_path, 64 * MiB)
+    small, large = make_entry("s", b"small"), make_entry("l", os.urandom(2 * MiB))
+    await first.put(small)
+    await first.put(large)
+    await first.aclose()
+    second = DiskStorage(tmp_path, 64 * MiB)
+    got_small, got_large = await second.get(small.key), await second.get(large.key)
+    assert got_small is not None and got_small.body == b"small"
+    assert got_large is not None and read_body(got_large) == large.body
+    assert await second.usage() == bytes_on_disk(tmp_path)
+
+
+async def test_two_workers_share_one_folder(tmp_path: Path):
+    one, two = DiskStorage(tmp_path, 64 * MiB), DiskStorage(tmp_path, 64 * MiB)
+    entry = make_entry("a.png", b"shared")
+    await one.put(entry)
+    got = await two.get(entry.key)
+    assert got is not None and got.body == b"shared"
+    assert await two.delete(entry.key) is True
+    assert await one.get(entry.key) is None
+
+
+def _entries(count: int, size: int) -> list[Entry]:
+    return [make_entry(f"{n:04d}.png", bytes([n % 256]) * size) for n in range(count)]
+
+
+async def _entry_size(tmp_path: Path, size: int) -> int:
+    probe = DiskStorage(tmp_path / "probe", 64 * MiB)
+    await probe.put(make_entry("9999.png", b"\0" * size))
+    return await probe.usage()
+
+
+@pytest.mark.parametrize("body_size", [10_000, 100_000])  # in the meta file, and in a body file of its own
+async def test_eviction_removes_the_least_recently_used(tmp_path: Path, body_size: int):
+    size = await _entry_size(tmp_path, body_size)
+    root = tmp_path / "cache"
+    # Two processes' worth of instances: the read happens in one, the put that evicts in the other.
+    writer = DiskStorage(root, int(size * 3.4))
+    reader = DiskStorage(root, int(size * 3.4))
+    a, b, c, d = _entries(4, body_size)
+    for entry in (a, b, c):
+        await writer.put(entry)
+    assert await reader.get(a.key) is not None  # a is now the most recently used
+    await writer.put(d)
+    assert await writer.get(b.key) is None
+    for entry in (a, c, d):
+        assert await writer.get(entry.key) is not None
+    assert bytes_on_disk(root) <= size * 3.4
+    assert not list((root / "body").rglob(f"{storage_id(b.key)}.*"))
+
+
+async def test_total_stays_under_the_budget(tmp_path: Path):
+    budget = 200_000
+    disk = DiskStorage(tmp_path, budget)
+    for n, entry in enumerate(_entries(40, 15_000) + [make_entry("large", os.urandom(90_000))]):
+        await disk.put(entry)
+        assert bytes_on_disk(tmp_path) <= budget, f"after put {n}"
+    assert await disk.get(make_entry("large", b"").key) is not None  # the newest survives its own eviction
+
+
+async def test_an_entry_larger_than_the_budget_is_not_kept_and_drops_the_old_copy(tmp_path: Path):
+    disk = DiskStorage(tmp_path, 50_000)
+    await disk.put(make_entry("x", b"old"))
+    await disk.put(make_entry("x", os.urandom(60_000)))
+    assert await disk.get(make_entry("x", b"").key) is None
+    assert bytes_on_disk(tmp_path) == 0
+
+
+async def test_usage_counter_survives_restart_and_drift(tmp_path: Path):
+    disk = DiskStorage(tmp_path, 64 * MiB)
+    for entry in _entries(5, 1000):
+        await disk.put(entry)
+    (tmp_path / "usage").write_bytes(b"")  # lost counter: recounted from the files
+    await disk.put(make_entry("one-more", b"z" * 1000))
+    assert await disk.usage() == bytes_on_disk(tmp_path)
+
+
+# -- temp files, orphans, full disk ----------------------------------------------------------------------------------
+
+
+async def test_stale_temp_files_and_orphan_bodies_are_cleaned(tmp_path: Path):
+    DiskStorage(tmp_path, 64 * MiB)
+    hour_ago = time.time() - 3700
+    old_temp, new_temp = tmp_path / "tmp" / ".put-1-old", tmp_path / "tmp" / "fetch-in-progress"
+    orphan = tmp_path / "body" / "ab" / ("ab" + "1" * 62 + ".deadbeef")
+    young_orphan = tmp_path / "body" / "ab" / ("ab" + "2" * 62 + ".cafe")
+    orphan.parent.mkdir(parents=True)
+    for path in (old_temp, new_temp, orphan, young_orphan):
+        path.write_bytes(b"leftover")
+    for path in (old_temp, orphan):
+        os.utime(path, (hour_ago, hour_ago))
+    disk = DiskStorage(tmp_path, 64 * MiB)
+    assert not old_temp.exists() and new_temp.exists()
+    await disk.usage()  # a recount also drops bodies no entry names (a crash between the two renames)
+    assert not orphan.exists()
+    assert young_orphan.exists()  # may be a put in progress in another worker
+
+
+@pytest.mark.parametrize("body_size", [1000, 300_000])
+async def test_full_disk_put_is_quiet_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body_size: int
+):
+    disk = DiskStorage(tmp_path, 64 * MiB)
+    entry = make_entry("a.png", os.urandom(body_size))
+    real_write = os.write
+
+    def full_disk(fd: int, data: bytes | memoryview) -> int:
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(str(tmp_path)):
+            real_write(fd, bytes(data[:10]))
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", full_disk)
+    await disk.put(entry)
+    monkeypatch.undo()
+    assert disk.dropped_puts == 1
+    assert await disk.get(entry.key) is None
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert bytes_on_disk(tmp_path) == 0
+    await disk.put(entry)
+    assert await disk.get(entry.key) is not None
+
+
+async def test_other_os_errors_propagate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    disk = DiskStorage(tmp_path, 64 * MiB)
+
+    def broken(fd: int, data: bytes | memoryview) -> int:
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(os, "write", broken)
+    with pytest.raises(OSError):
+        await disk.put(make_entry("a.png", b"body"))
+    monkeypatch.undo()
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+async def test_concurrent_writers_and_readers_of_one_key(tmp_path: Path):
+    import anyio
+
+    one, two = DiskStorage(tmp_path, 64 * MiB, inline_bytes=1024), DiskStorage(tmp_path, 64 * MiB, inline_bytes=1024)
+    versions = [make_entry("hot.png", bytes([n]) * (50_000 + n * 1000)) for n in range(12)]
+    seen: list[Entry | None] = []
+
+    async with anyio.create_task_group() as group:
+        for n, version in enumerate(versions):
+            group.start_soon((one if n % 2 else two).put, version)
+            group.start_soon(_read_into, two if n % 2 else one, versions[0].key, seen)
+    digests = {version.digest: version.body for version in versions}
+    for got in seen:
+        if got is not None:  # whatever a reader saw is one whole version, never a mix
+            assert read_body(got) == digests[got.digest]
+    final = await one.get(versions[0].key)
+    assert final is not None and read_body(final) == digests[final.digest]
+    assert len(list((tmp_path / "body").rglob("*.*"))) == 1  # older versions' bodies are gone
+    assert await one.usage() == bytes_on_disk(tmp_path)
+
+
+async def _read_into(disk: DiskStorage, key: str, seen: list[Entry | None]) -> None:
+    got = await disk.get(key)
+    if got is not None and isinstance(got.body, BodyFile):
+        try:
+            got = got.with_body(read_body(got))
+        except FileNotFoundError:
+            return  # replaced by a newer version between get and open: the proxy treats this as a miss
+    seen.append(got)

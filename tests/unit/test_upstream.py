@@ -1,0 +1,578 @@
+"""moxy.upstream over httpx.MockTransport: header hygiene, redirects under the policy, body cap, error mapping,
+spooling. No sockets: names resolve through a fake resolver to a public address (or a refused one on purpose)."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import ipaddress
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from hypothesis import given, strategies as st
+
+from moxy.errors import DestinationRefused, UpstreamError, UpstreamTimeout
+from moxy.policy import DestinationPolicy
+from moxy.upstream import (
+    DROPPED_RESPONSE,
+    ERROR_BODY_BYTES,
+    REASONS,
+    Upstream,
+    _response_headers,
+    _with_authority,
+)
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def make_policy() -> DestinationPolicy:
+    return DestinationPolicy.from_settings_values(allowed_networks=(), allow_hosts=(), deny_hosts=("evil.test",))
+
+
+async def public_resolver(host: str, port: int) -> list[str]:
+    return ["93.184.216.34"]
+
+
+Handler = Callable[[httpx.Request], Any]
+
+
+class Recorder:
+    """MockTransport handler wrapper that records every request the transport saw."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.requests: list[httpx.Request] = []
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        result = self.handler(request)
+        if asyncio.iscoroutine(result):
+            result = await result
+        assert isinstance(result, httpx.Response)
+        return result
+
+    @property
+    def urls(self) -> list[str]:
+        return [str(request.url) for request in self.requests]
+
+
+class Chunks(httpx.AsyncByteStream):
+    """A response body streamed in the given pieces; optionally raises after them or waits forever."""
+
+    def __init__(self, pieces: Sequence[bytes], error: Exception | None = None, hang: bool = False) -> None:
+        self.pieces = list(pieces)
+        self.error = error
+        self.hang = hang
+        self.served = 0
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for piece in self.pieces:
+            self.served += 1
+            yield piece
+        if self.error is not None:
+            raise self.error
+        if self.hang:
+            await asyncio.Event().wait()
+
+
+def make(handler: Handler, tmp_path: Path, **overrides: Any) -> tuple[Upstream, Recorder]:
+    recorder = Recorder(handler)
+    options: dict[str, Any] = {
+        "policy": make_policy(),
+        "connect_timeout": 1.0,
+        "read_timeout": 1.0,
+        "total_timeout": 5.0,
+        "max_body_bytes": 10_000,
+        "max_redirects": 3,
+        "user_agent": "Moxy/test",
+        "spool_dir": tmp_path,
+        "memory_body_bytes": 4_000,
+        "resolver": public_resolver,
+        "transport": httpx.MockTransport(recorder),
+    }
+    options.update(overrides)
+    return Upstream(**options), recorder
+
+
+def ok(body: bytes = b"data", **headers: str) -> Handler:
+    return lambda request: httpx.Response(200, headers=headers, content=body)
+
+
+# -- request headers -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_request_headers_forwarded_and_own_added(tmp_path: Path) -> None:
+    upstream, recorder = make(ok(), tmp_path)
+    await upstream.fetch(
+        "http://example.test/pic.png",
+        {
+            "Accept": "image/webp",
+            "If-None-Match": '"v1"',
+            "Cookie": "session=1",
+            "Authorization": "Bearer x",
+            "Proxy-Authorization": "Basic y",
+            "Connection": "keep-alive, X-Secret",
+            "User-Agent": "curl/8",
+            "Host": "other.test",
+        },
+    )
+    await upstream.aclose()
+    sent = recorder.requests[0].headers
+    assert sent["accept"] == "image/webp"
+    assert sent["if-none-match"] == '"v1"'
+    assert sent["user-agent"] == "Moxy/test"
+    assert sent["via"] == "1.1 moxy"
+    assert sent["accept-encoding"].startswith("gzip, deflate")
+    assert sent["host"] == "example.test"
+    for never in ("cookie", "authorization", "proxy-authorization", "connection"):
+        assert never not in sent
+
+
+@pytest.mark.anyio
+async def test_no_default_accept_is_invented(tmp_path: Path) -> None:
+    # What goes upstream must be exactly what the cache key describes.
+    upstream, recorder = make(ok(), tmp_path)
+    await upstream.fetch("http://example.test/", {})
+    await upstream.aclose()
+    assert "accept" not in recorder.requests[0].headers
+
+
+# -- response headers ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Authenticate",
+        "Proxy-Connection",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+        "Set-Cookie",
+        "Set-Cookie2",
+        "Content-Encoding",
+        "Content-Length",
+    ],
+)
+def test_response_hygiene_drops(name: str) -> None:
+    headers = _response_headers([(name, "v"), ("Content-Type", "image/png")])
+    assert headers == {"content-type": "image/png"}
+
+
+def test_response_hygiene_drops_fields_named_by_connection_and_joins_repeats() -> None:
+    raw = [
+        ("Connection", "X-Internal, close"),
+        ("X-Internal", "secret"),
+        ("Cache-Control", "max-age=60"),
+        ("cache-control", "public"),
+        ("ETag", '"a"'),
+    ]
+    assert _response_headers(raw) == {"cache-control": "max-age=60, public", "etag": '"a"'}
+
+
+header_names = st.sampled_from(
+    sorted(DROPPED_RESPONSE) + ["content-type", "etag", "x-custom", "Cache-Control", "SET-COOKIE", "Proxy-Foo"]
+)
+
+
+@given(st.lists(st.tuples(header_names, st.text(alphabet="abc ,", max_size=8)), max_size=12))
+def test_response_hygiene_property(raw: list[tuple[str, str]]) -> None:
+    headers = _response_headers(raw)
+    for name in headers:
+        assert name == name.lower()
+        assert name not in DROPPED_RESPONSE
+        assert not name.startswith("proxy-")
+    kept = {name.lower() for name, _ in raw} - DROPPED_RESPONSE
+    kept = {name for name in kept if not name.startswith("proxy-")}
+    listed = {t.strip().lower() for n, v in raw if n.lower() == "connection" for t in v.split(",")}
+    assert set(headers) == kept - listed
+
+
+@pytest.mark.anyio
+async def test_response_headers_cleaned_and_gzip_decoded(tmp_path: Path) -> None:
+    payload = b"pixels" * 500
+    wire = gzip.compress(payload)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        headers = {"Content-Encoding": "gzip", "Set-Cookie": "a=b", "Content-Type": "image/png"}
+        return httpx.Response(200, headers=headers, content=wire)
+
+    upstream, _ = make(handler, tmp_path)
+    response = await upstream.fetch("http://example.test/", {})
+    await upstream.aclose()
+    assert response.body == payload
+    assert response.length == len(payload)
+    assert response.declared_length == len(wire)
+    assert response.headers == {"content-type": "image/png"}
+    assert response.request_time <= response.response_time
+
+
+# -- redirects -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+@pytest.mark.anyio
+async def test_redirect_followed_with_same_headers(tmp_path: Path, status: int) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/a/old":
+            return httpx.Response(status, headers={"Location": "../new/pic.png?x=1#frag"})
+        return httpx.Response(200, content=b"found")
+
+    upstream, recorder = make(handler, tmp_path)
+    response = await upstream.fetch("http://example.test/a/old", {"Accept": "image/*"})
+    await upstream.aclose()
+    assert response.status == 200
+    assert response.body == b"found"
+    assert response.url == "http://example.test/new/pic.png?x=1"
+    assert recorder.urls == ["http://example.test/a/old", "http://example.test/new/pic.png?x=1"]
+    assert [r.headers.get("accept") for r in recorder.requests] == ["image/*", "image/*"]
+
+
+@pytest.mark.parametrize(("hops", "allowed", "ok_expected"), [(0, 0, True), (2, 2, True), (3, 2, False), (1, 0, False)])
+@pytest.mark.anyio
+async def test_redirect_count(tmp_path: Path, hops: int, allowed: int, ok_expected: bool) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        step = int(request.url.path.strip("/") or 0)
+        if step < hops:
+            return httpx.Response(302, headers={"Location": f"/{step + 1}"})
+        return httpx.Response(200, content=b"end")
+
+    upstream, recorder = make(handler, tmp_path, max_redirects=allowed)
+    if ok_expected:
+        response = await upstream.fetch("http://example.test/", {})
+        assert response.body == b"end"
+        assert len(recorder.requests) == hops + 1
+    else:
+        with pytest.raises(UpstreamError) as caught:
+            await upstream.fetch("http://example.test/", {})
+        assert caught.value.reason == "too-many-redirects"
+        assert len(recorder.requests) == allowed + 1
+    await upstream.aclose()
+
+
+@pytest.mark.anyio
+async def test_redirect_loop_capped(tmp_path: Path) -> None:
+    upstream, recorder = make(lambda r: httpx.Response(301, headers={"Location": str(r.url)}), tmp_path)
+    with pytest.raises(UpstreamError, match="too-many-redirects"):
+        await upstream.fetch("http://example.test/loop", {})
+    await upstream.aclose()
+    assert len(recorder.requests) == 4
+
+
+@pytest.mark.parametrize(
+    "location",
+    ["http://evil.test/x", "http://10.1.2.3/latest/meta-data", "//evil.test/x"],
+)
+@pytest.mark.anyio
+async def test_redirect_to_refused_destination_never_requested(tmp_path: Path, location: str) -> None:
+    upstream, recorder = make(lambda r: httpx.Response(302, headers={"Location": location}), tmp_path)
+    with pytest.raises(DestinationRefused):
+        await upstream.fetch("http://example.test/", {})
+    await upstream.aclose()
+    assert recorder.urls == ["http://example.test/"]
+
+
+@pytest.mark.parametrize(
+    "location", ["ftp://example.test/file", "javascript:alert(1)", "file:///etc/passwd", "https://:80/no-host"]
+)
+@pytest.mark.anyio
+async def test_redirect_to_non_http_is_an_upstream_error(tmp_path: Path, location: str) -> None:
+    upstream, recorder = make(lambda r: httpx.Response(302, headers={"Location": location}), tmp_path)
+    with pytest.raises(UpstreamError) as caught:
+        await upstream.fetch("http://example.test/", {})
+    await upstream.aclose()
+    assert caught.value.reason == "bad-redirect"
+    assert len(recorder.requests) == 1
+
+
+@pytest.mark.anyio
+async def test_redirect_without_location_is_returned(tmp_path: Path) -> None:
+    upstream, _ = make(lambda r: httpx.Response(302, content=b"nowhere"), tmp_path)
+    response = await upstream.fetch("http://example.test/", {})
+    await upstream.aclose()
+    assert (response.status, response.body) == (302, b"nowhere")
+
+
+@pytest.mark.anyio
+async def test_redirect_to_host_resolving_to_refused_address(tmp_path: Path) -> None:
+    async def resolver(host: str, port: int) -> list[str]:
+        return ["10.0.0.7"] if host == "internal.test" else ["93.184.216.34"]
+
+    upstream, recorder = make(
+        lambda r: httpx.Response(302, headers={"Location": "http://internal.test/"}), tmp_path, resolver=resolver
+    )
+    with pytest.raises(DestinationRefused):
+        await upstream.fetch("http://example.test/", {})
+    await upstream.aclose()
+    assert len(recorder.requests) == 1
+
+
+# -- destination and resolution --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url", ["http://evil.test/", "http://10.0.0.1/", "gopher://example.test/", "http://0x7f.1/", "http://[::1]/"]
+)
+@pytest.mark.anyio
+async def test_refused_first_url_makes_no_request(tmp_path: Path, url: str) -> None:
+    upstream, recorder = make(ok(), tmp_path)
+    with pytest.raises(DestinationRefused):
+        await upstream.fetch(url, {})
+    await upstream.aclose()
+    assert recorder.requests == []
+
+
+async def resolves_to_nothing(host: str, port: int) -> list[str]:
+    return []
+
+
+async def resolves_with_error(host: str, port: int) -> list[str]:
+    raise OSError("name not known")
+
+
+async def resolves_never(host: str, port: int) -> list[str]:
+    await asyncio.Event().wait()
+    return []
+
+
+async def resolves_private(host: str, port: int) -> list[str]:
+    return ["93.184.216.34", "10.9.9.9"]
+
+
+@pytest.mark.parametrize(
+    ("resolver", "error", "reason"),
+    [
+        (resolves_to_nothing, UpstreamError, "dns-failed"),
+        (resolves_with_error, UpstreamError, "dns-failed"),
+        (resolves_never, UpstreamTimeout, "dns-timeout"),
+        (resolves_private, DestinationRefused, "host example.test resolves to a private address"),
+    ],
+)
+@pytest.mark.anyio
+async def test_resolution_failures(tmp_path: Path, resolver: Any, error: type[Exception], reason: str) -> None:
+    upstream, recorder = make(ok(), tmp_path, resolver=resolver, connect_timeout=0.01)
+    with pytest.raises(error) as caught:
+        await upstream.fetch("http://example.test/", {})
+    await upstream.aclose()
+    assert getattr(caught.value, "reason", None) == reason
+    assert recorder.requests == []
+
+
+# -- body size -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("size", "too_large"), [(10_000, False), (10_001, True)])
+@pytest.mark.anyio
+async def test_body_cap_streamed(tmp_path: Path, size: int, too_large: bool) -> None:
+    # No Content-Length: the cap must be enforced while counting.
+    stream = Chunks([b"x" * 1000] * (size // 1000) + [b"x" * (size % 1000)])
+    upstream, _ = make(lambda r: httpx.Response(200, stream=stream), tmp_path)
+    if too_large:
+        with pytest.raises(UpstreamError) as caught:
+            await upstream.fetch("http://example.test/", {})
+        assert caught.value.reason == "too-large"
+        assert caught.value.status == 200
+        assert stream.served == 11  # stopped at the first chunk past the cap
+    else:
+        response = await upstream.fetch("http://example.test/", {})
+        assert response.length == size
+    await upstream.aclose()
+    assert not too_large or list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.anyio
+async def test_declared_length_over_cap_refused_before_reading(tmp_path: Path) -> None:
+    stream = Chunks([b"x" * 100] * 200)
+    upstream, _ = make(lambda r: httpx.Response(200, headers={"Content-Length": "20000"}, stream=stream), tmp_path)
+    with pytest.raises(UpstreamError, match="too-large"):
+        await upstream.fetch("http://example.test/", {})
+    await upstream.aclose()
+    assert stream.served == 0
+
+
+@pytest.mark.anyio
+async def test_error_status_returned_with_sampled_body(tmp_path: Path) -> None:
+    stream = Chunks([b"e" * 16_384] * 10)
+    upstream, _ = make(lambda r: httpx.Response(503, stream=stream), tmp_path, max_body_bytes=10**6)
+    response = await upstream.fetch("http://example.test/", {})
+    await upstream.aclose()
+    assert response.status == 503
+    assert response.body == b"e" * ERROR_BODY_BYTES
+    assert stream.served < 10
+
+
+@pytest.mark.parametrize("status", [304, 204])
+@pytest.mark.anyio
+async def test_bodiless_statuses_returned(tmp_path: Path, status: int) -> None:
+    upstream, _ = make(lambda r: httpx.Response(status, headers={"ETag": '"v2"'}), tmp_path)
+    response = await upstream.fetch("http://example.test/", {"If-None-Match": '"v2"'})
+    await upstream.aclose()
+    assert (response.status, response.body, response.length) == (status, b"", 0)
+    assert response.headers["etag"] == '"v2"'
+
+
+@pytest.mark.anyio
+async def test_head_reads_no_body(tmp_path: Path) -> None:
+    upstream, recorder = make(lambda r: httpx.Response(200, headers={"Content-Length": "500"}), tmp_path)
+    response = await upstream.fetch("http://example.test/", {}, method="HEAD")
+    await upstream.aclose()
+    assert recorder.requests[0].method == "HEAD"
+    assert (response.body, response.declared_length) == (b"", 500)
+
+
+# -- framing and transport errors ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("declared", [50, 150])
+@pytest.mark.anyio
+async def test_length_mismatch_is_truncated(tmp_path: Path, declared: int) -> None:
+    stream = Chunks([b"x" * 100])
+    handler = lambda r: httpx.Response(200, headers={"Content-Length": str(declared)}, stream=stream)  # noqa: E731
+    upstream, _ = make(handler, tmp_path)
+    with pytest.raises(UpstreamError) as caught:
+        await upstream.fetch("http://example.test/", {})
+    await upstream.aclose()
+    assert caught.value.reason == "truncated"
+
+
+def raising(exc: Exception) -> Handler:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise exc
+
+    return handler
+
+
+@pytest.mark.parametrize(
+    ("handler", "error", "reason"),
+    [
+        (raising(httpx.ConnectTimeout("t")), UpstreamTimeout, "connect-timeout"),
+        (raising(httpx.ReadTimeout("t")), UpstreamTimeout, "read-timeout"),
+        (raising(httpx.ConnectError("refused")), UpstreamError, "connect-failed"),
+        (raising(httpx.RemoteProtocolError("bad")), UpstreamError, "disconnected"),
+        (raising(httpx.ReadError("reset")), UpstreamError, "disconnected"),
+        (raising(httpx.ProxyError("x")), UpstreamError, "transport-error"),
+        (lambda r: httpx.Response(200, stream=Chunks([b"ab"], httpx.ReadError("rst"))), UpstreamError, "truncated"),
+        (
+            lambda r: httpx.Response(200, stream=Chunks([b"ab"], httpx.RemoteProtocolError("eof"))),
+            UpstreamError,
+            "truncated",
+        ),
+        (
+            lambda r: httpx.Response(200, stream=Chunks([b"ab"], httpx.ReadTimeout("t"))),
+            UpstreamTimeout,
+            "read-timeout",
+        ),
+        (
+            lambda r: httpx.Response(200, headers={"Content-Encoding": "gzip"}, stream=Chunks([b"not gzip"])),
+            UpstreamError,
+            "bad-encoding",
+        ),
+    ],
+)
+@pytest.mark.anyio
+async def test_error_mapping(tmp_path: Path, handler: Handler, error: type[UpstreamError], reason: str) -> None:
+    upstream, _ = make(handler, tmp_path)
+    with pytest.raises(UpstreamError) as caught:
+        await upstream.fetch("http://example.test/", {})
+    await upstream.aclose()
+    assert type(caught.value) is error
+    assert caught.value.reason == reason
+    assert reason in REASONS
+
+
+@pytest.mark.anyio
+async def test_total_timeout_covers_the_body(tmp_path: Path) -> None:
+    stream = Chunks([b"start"], hang=True)
+    upstream, _ = make(lambda r: httpx.Response(200, stream=stream), tmp_path, total_timeout=0.05, read_timeout=60)
+    with pytest.raises(UpstreamTimeout) as caught:
+        await upstream.fetch("http://example.test/", {})
+    await upstream.aclose()
+    assert caught.value.reason == "total-timeout"
+
+
+# -- spooling --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("size", "spooled"), [(4_000, False), (4_001, True), (9_999, True)])
+@pytest.mark.anyio
+async def test_spooling_threshold(tmp_path: Path, size: int, spooled: bool) -> None:
+    body = bytes(i % 256 for i in range(size))
+    stream = Chunks([body[i : i + 700] for i in range(0, size, 700)])
+    upstream, _ = make(lambda r: httpx.Response(200, stream=stream), tmp_path)
+    response = await upstream.fetch("http://example.test/", {})
+    await upstream.aclose()
+    assert response.length == size
+    if spooled:
+        assert response.body is None
+        assert response.body_path is not None
+        path = Path(response.body_path)
+        assert path.parent == tmp_path
+        # Caller-owned: still there after the client is closed.
+        assert path.read_bytes() == body
+        path.unlink()
+    else:
+        assert response.body == body
+        assert response.body_path is None
+        assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.anyio
+async def test_spool_file_removed_when_body_fails(tmp_path: Path) -> None:
+    stream = Chunks([b"x" * 3_000, b"y" * 3_000], error=httpx.ReadError("reset"))
+    upstream, _ = make(lambda r: httpx.Response(200, stream=stream), tmp_path)
+    with pytest.raises(UpstreamError, match="truncated"):
+        await upstream.fetch("http://example.test/", {})
+    await upstream.aclose()
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- client lifecycle ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_one_client_reused_and_recreated_after_close(tmp_path: Path) -> None:
+    upstream, recorder = make(ok(), tmp_path)
+    await upstream.fetch("http://example.test/1", {})
+    engine = upstream._engine
+    await upstream.fetch("http://example.test/2", {})
+    assert upstream._engine is engine
+    await upstream.aclose()
+    assert upstream._engine is None
+    await upstream.aclose()  # idempotent
+    assert len(recorder.requests) == 2
+
+
+@pytest.mark.parametrize(
+    ("url", "authority", "expected"),
+    [
+        ("http://1572395042/a?b#c", "93.184.216.34", "http://93.184.216.34/a?b#c"),
+        ("http://EXAMPLE.test:80/p?", "example.test", "http://example.test/p?"),
+        ("https://example.test:8443", "example.test:8443", "https://example.test:8443"),
+        ("http://h?q=/x", "h", "http://h?q=/x"),
+        ("http://[0:0::1]:81/", "[::1]:81", "http://[::1]:81/"),
+    ],
+)
+def test_authority_rewrite_keeps_the_rest(url: str, authority: str, expected: str) -> None:
+    assert _with_authority(url, authority) == expected
+
+
+@pytest.mark.anyio
+async def test_request_goes_to_the_canonical_host(tmp_path: Path) -> None:
+    # WHATWG host parsing: the decimal spelling of 93.184.216.34 is requested as the dotted address.
+    upstream, recorder = make(ok(), tmp_path)
+    response = await upstream.fetch("http://1572395042/x?y", {})
+    await upstream.aclose()
+    assert recorder.urls == ["http://93.184.216.34/x?y"]
+    assert response.url == "http://93.184.216.34/x?y"
