@@ -216,12 +216,15 @@ def _aiohttp_reason(exc: BaseException, *, in_body: bool) -> UpstreamError:
 
 
 class _AiohttpWire:
-    __slots__ = ("raw_headers", "response", "status")
+    __slots__ = ("protocol", "raw_headers", "response", "status")
 
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self.response = response
         self.status = response.status
         self.raw_headers = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in response.raw_headers]
+        # Kept because aiohttp hands the connection back to its pool the moment the body ends.
+        connection = response.connection
+        self.protocol = connection.protocol if connection is not None else None
 
     async def chunks(self) -> AsyncGenerator[bytes, None]:
         content = self.response.content
@@ -233,6 +236,10 @@ class _AiohttpWire:
                 yield chunk
         except (aiohttp.ClientError, OSError) as exc:
             raise _aiohttp_reason(exc, in_body=True) from exc
+        # Bytes past the declared Content-Length fail to parse as a next message after the body has ended
+        # cleanly; that failure is the only sign the upstream sent more than it announced (a length lie).
+        if self.protocol is not None and self.protocol.exception() is not None:
+            raise UpstreamError("protocol-error")
 
     async def abort(self) -> None:
         self.response.close()
