@@ -22,6 +22,7 @@ from moxy import __version__
 from moxy.accesslog import path_digest, write_access
 from moxy.cache import DiskStorage, MemoryStorage, Storage, TieredStorage
 from moxy.cache.freshness import FreshnessRules
+from moxy.cache.purges import PurgeLog
 from moxy.config import Settings, load_settings
 from moxy.errors import (
     BadSignature,
@@ -247,6 +248,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         storage, disk = _build_storage(settings)
         spool = disk.spool_dir if disk is not None else Path(settings.cache_dir) / "tmp"
         spool.mkdir(parents=True, exist_ok=True)
+        purges = PurgeLog(Path(settings.cache_dir) / "purges.log")
+        await purges.refresh()
         upstream = Upstream(
             policy=policy,
             connect_timeout=settings.connect_timeout,
@@ -268,10 +271,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
             forward_headers=settings.forward_headers,
             negative_ttl=settings.negative_ttl,
             lock_timeout=settings.lock_timeout,
+            purges=purges,
         )
+        watcher = asyncio.get_running_loop().create_task(purges.watch())
         try:
             yield
         finally:
+            watcher.cancel()
             await state["proxy"].aclose()
             await upstream.aclose()
             await storage.aclose()

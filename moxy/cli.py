@@ -7,8 +7,10 @@ from __future__ import annotations
 import base64
 import os
 import secrets
+import signal
 import sys
 from pathlib import Path
+from types import FrameType
 from typing import Any, NoReturn
 
 import click
@@ -132,6 +134,9 @@ def serve(host: str | None, port: int | None, workers: int | None, init_key: boo
     for name, value in flags.items():
         if value is not None:
             os.environ[f"MOXY_{name.upper()}"] = str(value)
+    # uvicorn finishes in-flight requests on SIGTERM, then re-raises the signal with the handler that was in
+    # place before it started; with this one the process then exits 0, as a supervisor expects of a clean stop.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     uvicorn.run(
         "moxy.app:create_app",
         factory=True,
@@ -144,6 +149,10 @@ def serve(host: str | None, port: int | None, workers: int | None, init_key: boo
         timeout_graceful_shutdown=30,
         log_level="warning",
     )
+
+
+def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
 
 
 @main.command()

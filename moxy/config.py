@@ -95,6 +95,19 @@ class Settings(BaseSettings):
         "forward_headers", "allowed_networks", "allow_hosts", "deny_hosts", "content_types", "validators", mode="before"
     )(_split_commas)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_base_url(cls, data: Any) -> Any:
+        # Unset, the public base URL is where this server listens, so `--port 9000` alone gives working links.
+        if isinstance(data, dict) and not data.get("base_url"):
+            host = str(data.get("host") or "127.0.0.1")
+            if host in ("0.0.0.0", "::", ""):
+                host = "127.0.0.1"
+            elif ":" in host:
+                host = f"[{host}]"
+            return {**data, "base_url": f"http://{host}:{data.get('port') or 8080}"}
+        return data
+
     @field_validator("base_url")
     @classmethod
     def _check_base_url(cls, value: str) -> str:

@@ -13,13 +13,14 @@ import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from cachetools import TTLCache
 
 from moxy.cache import Storage
 from moxy.cache.entry import BodyFile, Entry, make_key
 from moxy.cache.freshness import Decision, FreshnessRules, assess, current_age, decide, is_storable, usable_on_error
+from moxy.cache.purges import PurgeLog
 from moxy.errors import DestinationRefused, MoxyError, UpstreamError, VerificationError
 from moxy.policy import DestinationPolicy
 from moxy.signing import Signer
@@ -45,6 +46,10 @@ STORED_HEADERS = frozenset(
 )
 HEAD_SAMPLE_BYTES = 64 * 1024
 UNCACHEABLE_MARK_SECONDS = 5.0
+# Bodies from this size on are hashed and validated in a worker thread (hashlib and orjson release no GIL
+# for long, but the event loop keeps answering hits between their slices).
+OFFLOAD_BYTES = 256 * 1024
+_T = TypeVar("_T")
 
 
 class CacheResult(StrEnum):
@@ -133,6 +138,7 @@ class Proxy:
         lock_timeout: float = 30.0,
         clock: Callable[[], float] = time.time,
         on_rejection: Callable[[str, str], None] | None = None,
+        purges: PurgeLog | None = None,
     ) -> None:
         self.signer = signer
         self.policy = policy
@@ -145,6 +151,7 @@ class Proxy:
         self.lock_timeout = lock_timeout
         self.clock = clock
         self.on_rejection = on_rejection
+        self.purges = purges
         self._inflight: dict[str, asyncio.Task[Outcome]] = {}
         self._background: set[asyncio.Task[Outcome]] = set()
         self._negative: TTLCache[str, tuple[float, UpstreamError, int | None]] = TTLCache(
@@ -163,6 +170,10 @@ class Proxy:
         forwarded = self.forwarded_headers(request.headers)
         key = make_key(url, forwarded)
         entry = await self.storage.get(key)
+        if entry is not None and self.purges is not None and self.purges.covers(entry):
+            # Purged through another worker (or as another variant): gone from every tier, here too.
+            await self.storage.delete(key)
+            entry = None
         now = self.clock()
         if entry is not None:
             decision = decide(entry, now)
@@ -194,11 +205,16 @@ class Proxy:
         return chosen
 
     async def purge(self, url_or_moxy_url: str, variants: tuple[Mapping[str, str], ...] = ({},)) -> int:
-        """Remove the entries of one upstream URL from every tier; returns how many were removed."""
+        """Remove the entries of one upstream URL from every tier; returns how many this worker removed.
+
+        The variants listed are deleted at once; every other variant, and the copies other workers hold in
+        memory, are dropped when next looked up (through the shared purge log)."""
         try:
             url = self.signer.verify(url_or_moxy_url)
         except VerificationError:
             url = url_or_moxy_url
+        if self.purges is not None:
+            await self.purges.record(url, self.clock())
         removed = 0
         for forwarded in variants:
             key = make_key(url, self.forwarded_headers(forwarded))
@@ -278,25 +294,24 @@ class Proxy:
         body: Body
         if response.body is not None:
             body = response.body
-            digest = hashlib.sha256(body).hexdigest()
+            digest = await _off_loop_when_large(len(body), lambda: hashlib.sha256(response.body or b"").hexdigest())
             sample = body
         else:
             assert response.body_path is not None
             body = await asyncio.to_thread(OpenBody.open, response.body_path, 0, response.length)
             full = self.validators.needs_full_body(response.headers.get("content-type", ""))
             sample, digest = await asyncio.to_thread(_read_and_digest, body, None if full else HEAD_SAMPLE_BYTES)
-        verdict = self.validators.validate(
-            Candidate(
-                url=url,
-                host=self.policy.check_url(url).host,
-                status=status,
-                headers=response.headers,
-                body=sample,
-                length=response.length,
-                declared_length=response.declared_length,
-                complete_body=len(sample) == response.length,
-            )
+        candidate = Candidate(
+            url=url,
+            host=self.policy.check_url(url).host,
+            status=status,
+            headers=response.headers,
+            body=sample,
+            length=response.length,
+            declared_length=response.declared_length,
+            complete_body=len(sample) == response.length,
         )
+        verdict = await _off_loop_when_large(len(sample), lambda: self.validators.validate(candidate))
         if isinstance(verdict, Reject):
             if self.on_rejection is not None:
                 self.on_rejection(verdict.reason, url)
@@ -401,6 +416,14 @@ class Proxy:
         else:
             body = entry.body
         return Served(entry, body, cache, age=current_age(entry, now), reason=reason)
+
+
+async def _off_loop_when_large(size: int, work: Callable[[], _T]) -> _T:
+    """Run CPU work over a body in a thread once it is big enough to stall other requests (a 5 MB JSON
+    document takes tens of milliseconds to parse); small bodies stay inline, where a thread hop costs more."""
+    if size < OFFLOAD_BYTES:
+        return work()
+    return await asyncio.to_thread(work)
 
 
 def _read_and_digest(body: OpenBody, sample_size: int | None) -> tuple[bytes, str]:

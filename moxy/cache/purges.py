@@ -1,0 +1,99 @@
+"""Purges shared by every worker process that uses one cache folder.
+
+Each worker has a private memory tier, so deleting an entry in the worker that took the purge request is not
+enough: the others would go on serving their copies. A purge is therefore also written to an append-only log
+in the cache folder, one JSON line `{"t": <epoch seconds>, "url": "<upstream url>"}`, which every worker reads
+back (at start-up and then by polling its size). An entry of a purged URL stored at or before the purge time is
+gone, whatever its variant (forwarded headers) and whichever tier holds it.
+
+Appends are single write() calls of one short line on a file opened with O_APPEND, so lines from several
+processes never interleave; a reader only consumes whole lines, so a write still in progress is read next time."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import orjson
+
+if TYPE_CHECKING:
+    from moxy.cache.entry import Entry
+
+__all__ = ["PurgeLog"]
+
+# How often other workers look for purges: the bound on how long one of them may still serve a purged copy.
+POLL_SECONDS = 0.25
+
+
+class PurgeLog:
+    """The purge times per upstream URL, as this process last read them from `path`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._purged: dict[str, float] = {}
+        self._offset = 0
+        self._size_seen = -1
+
+    def covers(self, entry: Entry) -> bool:
+        """True when `entry` was stored before a later purge of its URL (so it must not be served).
+
+        The hot path of every hit: one dict lookup, and none at all while nothing was ever purged."""
+        if not self._purged:
+            return False
+        when = self._purged.get(entry.url)
+        return when is not None and entry.stored_at <= when
+
+    async def record(self, url: str, when: float) -> None:
+        """Write the purge for every worker, and apply it here at once."""
+        self._note(url, when)
+        line = orjson.dumps({"t": when, "url": url}) + b"\n"
+        await asyncio.to_thread(self._append, line)
+
+    async def refresh(self) -> None:
+        """Read the purges other processes wrote since the last call (cheap when there are none: one stat)."""
+        try:
+            size = os.stat(self.path).st_size
+        except FileNotFoundError:
+            return
+        if size == self._size_seen:
+            return
+        self._size_seen = size
+        await asyncio.to_thread(self._read_new)
+
+    async def watch(self, interval: float = POLL_SECONDS) -> None:
+        """Poll for other workers' purges until cancelled."""
+        while True:
+            try:
+                await self.refresh()
+            except OSError:
+                pass  # an unreadable log must not stop serving; the next poll tries again
+            await asyncio.sleep(interval)
+
+    def _note(self, url: str, when: float) -> None:
+        if when > self._purged.get(url, float("-inf")):
+            self._purged[url] = when
+
+    def _append(self, line: bytes) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+
+    def _read_new(self) -> None:
+        with open(self.path, "rb") as log:
+            log.seek(self._offset)
+            data = log.read()
+        end = data.rfind(b"\n") + 1
+        self._offset += end
+        for raw in data[:end].splitlines():
+            try:
+                record = orjson.loads(raw)
+                url, when = record["url"], float(record["t"])
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                continue  # a damaged line loses one purge, never the log
+            if isinstance(url, str):
+                self._note(url, when)
