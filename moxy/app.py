@@ -8,6 +8,7 @@ import contextlib
 import hmac
 import time
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from email.utils import formatdate, parsedate_to_datetime
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from moxy import __version__
 from moxy.accesslog import path_digest, write_access
@@ -34,13 +36,14 @@ from moxy.errors import (
     UpstreamTimeout,
 )
 from moxy.policy import DestinationPolicy
-from moxy.proxy import Failed, OpenBody, Proxy, ProxyRequest, Served
+from moxy.proxy import CacheResult, Failed, OpenBody, Proxy, ProxyRequest, Served
 from moxy.rules import parse_rules
+from moxy.shortcut import HitShortcut
 from moxy.signing import Signer
 from moxy.upstream import Upstream
 from moxy.validation import build_chain
 
-__all__ = ["create_app"]
+__all__ = ["MoxyApp", "create_app"]
 
 SECURITY_HEADERS = {
     "x-content-type-options": "nosniff",
@@ -50,7 +53,8 @@ SECURITY_HEADERS = {
 }
 # Stored headers that Moxy replaces with its own view (cache-control, age) or recomputes.
 NOT_SENT = frozenset({"cache-control", "expires", "date", "age", "etag", "content-length"})
-STREAM_CHUNK = 256 * 1024
+STREAM_CHUNK = 1024 * 1024
+WHOLE_READ_BYTES = 4 * 1024 * 1024
 UPSTREAM_ERROR_MAX_AGE = 10
 
 
@@ -165,6 +169,20 @@ async def _file_chunks(body: OpenBody, start: int, end: int) -> AsyncIterator[by
         yield chunk
 
 
+class _FileRangeResponse(Response):
+    """A body from a file small enough to read in one go: one thread hop and one send, instead of a stream
+    of small reads (the disk-hit path for typical images)."""
+
+    def __init__(self, body: OpenBody, start: int, end: int, **kwargs: Any) -> None:
+        super().__init__(b"", **kwargs)
+        self.file_body, self.start, self.end = body, start, end
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        content = await asyncio.to_thread(self.file_body.read, self.start, self.end + 1 - self.start)
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        await send({"type": "http.response.body", "body": content})
+
+
 def render(request: Request, served: Served, vary: str) -> Response:
     headers = _entry_headers(served, vary)
     media_type = headers.pop("content-type", "application/octet-stream")
@@ -187,13 +205,24 @@ def render(request: Request, served: Served, vary: str) -> Response:
     if isinstance(body, bytes):
         content = body if status == 200 else body[start : end + 1]
         return Response(content, status_code=status, headers=headers, media_type=media_type)
+    if end + 1 - start <= WHOLE_READ_BYTES:
+        return _FileRangeResponse(body, start, end, status_code=status, headers=headers, media_type=media_type)
     return StreamingResponse(_file_chunks(body, start, end), status_code=status, headers=headers, media_type=media_type)
 
 
-def _build_storage(settings: Settings) -> tuple[Storage, DiskStorage | None]:
+@dataclass(slots=True)
+class _Tiers:
+    storage: Storage
+    memory: MemoryStorage | None
+    disk: DiskStorage | None
+
+
+def _build_storage(settings: Settings) -> _Tiers:
     tiers: list[Storage] = []
+    memory: MemoryStorage | None = None
     if settings.memory_cache_bytes > 0:
-        tiers.append(MemoryStorage(settings.memory_cache_bytes, settings.memory_max_entry_bytes))
+        memory = MemoryStorage(settings.memory_cache_bytes, settings.memory_max_entry_bytes)
+        tiers.append(memory)
     disk: DiskStorage | None = None
     if settings.disk_cache_bytes > 0:
         disk = DiskStorage(Path(settings.cache_dir), settings.disk_cache_bytes)
@@ -202,7 +231,7 @@ def _build_storage(settings: Settings) -> tuple[Storage, DiskStorage | None]:
         from moxy.cache.redis import RedisStorage
 
         tiers.append(RedisStorage(settings.redis_url.get_secret_value()))
-    return TieredStorage(tiers), disk
+    return _Tiers(TieredStorage(tiers), memory, disk)
 
 
 def _build_rules(settings: Settings) -> Any:
@@ -220,7 +249,58 @@ def _build_rules(settings: Settings) -> Any:
     return parse_rules(text, source=str(path), fmt="toml")
 
 
-def create_app(settings: Settings | None = None) -> Starlette:
+class MoxyApp:
+    """The ASGI entry: repeat hits of fresh memory entries are answered by the shortcut, the rest by Starlette."""
+
+    def __init__(self, router: Starlette, state: dict[str, Any], access_log: bool) -> None:
+        self.router = router
+        self.state = state
+        self.access_log = access_log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        shortcut: HitShortcut | None = self.state.get("shortcut")
+        if shortcut is not None and scope["type"] == "http" and scope["method"] == "GET":
+            started = time.perf_counter()
+            key = shortcut.key_of(scope["path"], scope["query_string"], scope["headers"])
+            found = shortcut.find(key) if key is not None else None
+            if found is not None:
+                prepared, now = found
+                await send({"type": "http.response.start", "status": 200, "headers": prepared.headers_at(now)})
+                await send({"type": "http.response.body", "body": prepared.body})
+                if self.access_log:
+                    _log_access("GET", scope["path"], 200, "HIT", None, None, None, prepared.entry.length, started)
+                return
+        await self.router(scope, receive, send)
+
+
+def _log_access(
+    method: str,
+    path: str,
+    status: int,
+    cache: str,
+    reason: str | None,
+    upstream_status: int | None,
+    upstream_seconds: float | None,
+    sent: int,
+    started: float,
+) -> None:
+    write_access(
+        {
+            "time": round(time.time(), 3),
+            "method": method,
+            "path": path_digest(path),
+            "status": status,
+            "cache": cache,
+            "reason": reason,
+            "upstream_status": upstream_status,
+            "upstream_ms": None if upstream_seconds is None else round(upstream_seconds * 1000, 1),
+            "bytes": sent,
+            "ms": round((time.perf_counter() - started) * 1000, 2),
+        }
+    )
+
+
+def create_app(settings: Settings | None = None) -> MoxyApp:
     """The Moxy ASGI app. Configuration errors surface here, before the first request."""
     settings = settings or load_settings()
     signer = Signer(settings.signing_keys(), settings.base_url, camo_keys=settings.camo_keys())
@@ -245,7 +325,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        storage, disk = _build_storage(settings)
+        tiers = _build_storage(settings)
+        storage, disk = tiers.storage, tiers.disk
         spool = disk.spool_dir if disk is not None else Path(settings.cache_dir) / "tmp"
         spool.mkdir(parents=True, exist_ok=True)
         purges = PurgeLog(Path(settings.cache_dir) / "purges.log")
@@ -273,11 +354,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
             lock_timeout=settings.lock_timeout,
             purges=purges,
         )
+        if tiers.memory is not None:
+            state["shortcut"] = HitShortcut(tiers.memory, purges, settings.forward_headers, time.time)
         watcher = asyncio.get_running_loop().create_task(purges.watch())
         try:
             yield
         finally:
             watcher.cancel()
+            state.pop("shortcut", None)
             await state["proxy"].aclose()
             await upstream.aclose()
             await storage.aclose()
@@ -291,6 +375,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         head = request.method == "HEAD"
         if isinstance(outcome, Served):
             response = render(request, outcome, vary)
+            if outcome.cache is CacheResult.HIT and not head and response.status_code == 200:
+                _prepare_shortcut(request, outcome, response)
             cache, reason, upstream_status = outcome.cache.value, outcome.reason, outcome.upstream_status
             upstream_seconds = outcome.upstream_seconds
         else:
@@ -299,21 +385,30 @@ def create_app(settings: Settings | None = None) -> Starlette:
             cache, reason = outcome.cache.value, getattr(outcome.error, "reason", str(outcome.error))
             upstream_status, upstream_seconds = outcome.upstream_status, outcome.upstream_seconds
         if settings.access_log:
-            write_access(
-                {
-                    "time": round(time.time(), 3),
-                    "method": request.method,
-                    "path": path_digest(request.url.path),
-                    "status": response.status_code,
-                    "cache": cache,
-                    "reason": reason,
-                    "upstream_status": upstream_status,
-                    "upstream_ms": None if upstream_seconds is None else round(upstream_seconds * 1000, 1),
-                    "bytes": int(response.headers.get("content-length", 0) or 0),
-                    "ms": round((time.perf_counter() - started) * 1000, 2),
-                }
+            sent = int(response.headers.get("content-length", 0) or 0)
+            _log_access(
+                request.method,
+                request.url.path,
+                response.status_code,
+                cache,
+                reason,
+                upstream_status,
+                upstream_seconds,
+                sent,
+                started,
             )
         return response
+
+    def _prepare_shortcut(request: Request, served: Served, response: Response) -> None:
+        shortcut: HitShortcut | None = state.get("shortcut")
+        if shortcut is None:
+            return
+        key = shortcut.key_of(request.scope["path"], request.scope["query_string"], request.scope["headers"])
+        if key is None:
+            return
+        # Verified again (once per prepared answer, not per hit) only to learn when the signed URL expires.
+        expires_at = signer.verify_path(request.url.path, request.url.query).expires_at
+        shortcut.remember(key, served.entry, response.raw_headers, expires_at)
 
     async def healthz(request: Request) -> Response:
         return Response(b'{"status":"ok"}', media_type="application/json", headers={"cache-control": "no-store"})
@@ -352,4 +447,4 @@ def create_app(settings: Settings | None = None) -> Starlette:
     if settings.purge_token is not None:
         routes.append(Route("/purge", purge, methods=["POST"]))
     routes.append(Route("/{path:path}", serve, methods=["GET", "HEAD"]))
-    return Starlette(routes=routes, lifespan=lifespan)
+    return MoxyApp(Starlette(routes=routes, lifespan=lifespan), state, settings.access_log)

@@ -42,6 +42,10 @@ class MemoryStorage:
         # Keyed by the full key, so the "full key compared on read" rule holds by construction.
         return self._lookup(key)
 
+    def holds(self, entry: Entry) -> bool:
+        """Whether this very entry (not an older or newer copy) is still resident; counts as a use for the LRU."""
+        return self._lookup(entry.key) is entry
+
     async def put(self, entry: Entry) -> None:
         if (
             not isinstance(entry.body, bytes)

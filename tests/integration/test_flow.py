@@ -203,3 +203,30 @@ def test_five_hundred_concurrent_requests(origin: Origin, start_moxy: StartMoxy)
         assert answer.status_code == 200
         assert answer.content == PNG + bytes([index % 20])
     assert sum(origin.hits(f"/m{i}.png") for i in range(20)) == 20
+
+
+def test_repeat_hits_answer_exactly_like_the_first_hit(origin: Origin, start_moxy: StartMoxy) -> None:
+    """The third request takes the prepared-hit shortcut; nothing a client sees may differ from the second."""
+    origin.route("/same.png", Reply(headers={"Content-Type": "image/png", "Cache-Control": "max-age=600"}, body=PNG))
+    moxy = start_moxy()
+    url = moxy.sign(origin.url("/same.png"))
+    answers = [httpx.get(url, headers={"Accept": "image/webp"}) for _ in range(4)]
+    assert [a.headers["x-moxy-cache"] for a in answers] == ["MISS", "HIT", "HIT", "HIT"]
+
+    def visible(answer: httpx.Response) -> list[tuple[str, str]]:
+        return [(n, v) for n, v in answer.headers.multi_items() if n not in ("date", "age", "cache-status")]
+
+    assert visible(answers[1]) == visible(answers[2]) == visible(answers[3])
+    for answer in answers[1:]:
+        assert answer.content == PNG
+        assert answer.headers["cache-status"].startswith("moxy; hit; ttl=")
+        assert int(answer.headers["age"]) >= 0
+    # Conditional and range requests still get their own answers after the shortcut is prepared.
+    etag = answers[3].headers["etag"]
+    assert httpx.get(url, headers={"Accept": "image/webp", "If-None-Match": etag}).status_code == 304
+    ranged = httpx.get(url, headers={"Accept": "image/webp", "Range": "bytes=0-7"})
+    assert ranged.status_code == 206 and ranged.content == PNG[:8]
+    assert httpx.head(url, headers={"Accept": "image/webp"}).content == b""
+    # Another Accept value is another variant, fetched on its own.
+    assert httpx.get(url, headers={"Accept": "image/avif"}).headers["x-moxy-cache"] == "MISS"
+    assert origin.hits("/same.png") == 2
