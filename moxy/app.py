@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import tempfile
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -35,12 +36,13 @@ from moxy.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from moxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics
 from moxy.policy import DestinationPolicy
-from moxy.proxy import CacheResult, Failed, OpenBody, Proxy, ProxyRequest, Served
+from moxy.proxy import CacheResult, Failed, Fetch, OpenBody, Proxy, ProxyRequest, Served
 from moxy.rules import parse_rules
 from moxy.shortcut import HitShortcut
 from moxy.signing import Signer
-from moxy.upstream import Upstream
+from moxy.upstream import Upstream, UpstreamResponse
 from moxy.validation import build_chain
 
 __all__ = ["MoxyApp", "create_app"]
@@ -55,6 +57,7 @@ SECURITY_HEADERS = {
 NOT_SENT = frozenset({"cache-control", "expires", "date", "age", "etag", "content-length"})
 STREAM_CHUNK = 1024 * 1024
 WHOLE_READ_BYTES = 4 * 1024 * 1024
+TIER_REPORT_SECONDS = 5.0
 UPSTREAM_ERROR_MAX_AGE = 10
 
 
@@ -252,10 +255,11 @@ def _build_rules(settings: Settings) -> Any:
 class MoxyApp:
     """The ASGI entry: repeat hits of fresh memory entries are answered by the shortcut, the rest by Starlette."""
 
-    def __init__(self, router: Starlette, state: dict[str, Any], access_log: bool) -> None:
+    def __init__(self, router: Starlette, state: dict[str, Any], access_log: bool, metrics: Metrics) -> None:
         self.router = router
         self.state = state
         self.access_log = access_log
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         shortcut: HitShortcut | None = self.state.get("shortcut")
@@ -267,6 +271,7 @@ class MoxyApp:
                 prepared, now = found
                 await send({"type": "http.response.start", "status": 200, "headers": prepared.headers_at(now)})
                 await send({"type": "http.response.body", "body": prepared.body})
+                self.metrics.count_hit(time.perf_counter() - started)
                 if self.access_log:
                     _log_access("GET", scope["path"], 200, "HIT", None, None, None, prepared.entry.length, started)
                 return
@@ -300,6 +305,64 @@ def _log_access(
     )
 
 
+def _measured(fetch: Fetch, metrics: Metrics) -> Fetch:
+    """The upstream fetch, counted: time, fetches in flight, failures by reason (an error status is one too)."""
+
+    async def fetch_measured(url: str, headers: Mapping[str, str]) -> UpstreamResponse:
+        started = time.perf_counter()
+        metrics.in_flight.inc()
+        try:
+            response = await fetch(url, headers)
+        except UpstreamError as exc:
+            metrics.upstream_failures.labels(reason=exc.reason).inc()
+            raise
+        finally:
+            metrics.in_flight.dec()
+            metrics.upstream_seconds.observe(time.perf_counter() - started)
+        if response.status >= 500 or response.status in (404, 410):
+            metrics.upstream_failures.labels(reason=f"upstream-status-{response.status}").inc()
+        return response
+
+    return fetch_measured
+
+
+async def _set_tier_gauges(tiers: _Tiers, metrics: Metrics) -> None:
+    if tiers.memory is not None:
+        metrics.memory_bytes.set(tiers.memory.currsize)
+        metrics.memory_items.set(len(tiers.memory))
+    if tiers.disk is not None:
+        metrics.disk_bytes.set(await tiers.disk.usage())
+
+
+async def _report_tiers(tiers: _Tiers, metrics: Metrics, interval: float = TIER_REPORT_SECONDS) -> None:
+    # Each worker refreshes its own figures, so a scrape answered by one worker still sums current values.
+    while True:
+        with contextlib.suppress(OSError):
+            await _set_tier_gauges(tiers, metrics)
+        await asyncio.sleep(interval)
+
+
+async def _unready(settings: Settings, tiers: _Tiers) -> list[str]:
+    """What stops this worker from doing its job: an unwritable cache folder, an unreachable Redis."""
+    failed: list[str] = []
+    try:
+        await asyncio.to_thread(_probe_writable, Path(settings.cache_dir))
+    except OSError:
+        failed.append("cache-dir")
+    for tier in tiers.storage.tiers if isinstance(tiers.storage, TieredStorage) else ():
+        ping = getattr(tier, "ping", None)
+        if ping is not None and not await ping():
+            failed.append("redis")
+    return failed
+
+
+def _probe_writable(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".ready-") as probe:
+        probe.write(b"ok")
+        probe.flush()
+
+
 def create_app(settings: Settings | None = None) -> MoxyApp:
     """The Moxy ASGI app. Configuration errors surface here, before the first request."""
     settings = settings or load_settings()
@@ -322,6 +385,7 @@ def create_app(settings: Settings | None = None) -> MoxyApp:
     )
     vary = ", ".join(settings.forward_headers)
     state: dict[str, Any] = {}
+    metrics = Metrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -346,21 +410,26 @@ def create_app(settings: Settings | None = None) -> MoxyApp:
             signer=signer,
             policy=policy,
             storage=storage,
-            fetch=upstream.fetch,
+            fetch=_measured(upstream.fetch, metrics),
             validators=validators,
             freshness=freshness,
             forward_headers=settings.forward_headers,
             negative_ttl=settings.negative_ttl,
             lock_timeout=settings.lock_timeout,
             purges=purges,
+            on_rejection=lambda reason, url: metrics.rejections.labels(reason=reason).inc(),
         )
         if tiers.memory is not None:
             state["shortcut"] = HitShortcut(tiers.memory, purges, settings.forward_headers, time.time)
-        watcher = asyncio.get_running_loop().create_task(purges.watch())
+        loop = asyncio.get_running_loop()
+        state["tiers"] = tiers
+        watchers = [loop.create_task(purges.watch()), loop.create_task(_report_tiers(tiers, metrics))]
         try:
             yield
         finally:
-            watcher.cancel()
+            for watcher in watchers:
+                watcher.cancel()
+            metrics.close()
             state.pop("shortcut", None)
             await state["proxy"].aclose()
             await upstream.aclose()
@@ -384,6 +453,7 @@ def create_app(settings: Settings | None = None) -> MoxyApp:
             response = _error_response(outcome.error, cache=outcome.cache.value, head=head)
             cache, reason = outcome.cache.value, getattr(outcome.error, "reason", str(outcome.error))
             upstream_status, upstream_seconds = outcome.upstream_status, outcome.upstream_seconds
+        metrics.count_request(response.status_code, cache, time.perf_counter() - started)
         if settings.access_log:
             sent = int(response.headers.get("content-length", 0) or 0)
             _log_access(
@@ -412,6 +482,21 @@ def create_app(settings: Settings | None = None) -> MoxyApp:
 
     async def healthz(request: Request) -> Response:
         return Response(b'{"status":"ok"}', media_type="application/json", headers={"cache-control": "no-store"})
+
+    async def readyz(request: Request) -> Response:
+        failed = await _unready(settings, state["tiers"])
+        body = orjson.dumps({"status": "unready", "failed": failed} if failed else {"status": "ready"})
+        return Response(
+            body,
+            status_code=503 if failed else 200,
+            media_type="application/json",
+            headers={"cache-control": "no-store"},
+        )
+
+    async def metrics_page(request: Request) -> Response:
+        await _set_tier_gauges(state["tiers"], metrics)
+        text = await asyncio.to_thread(metrics.render)  # multiprocess mode reads one file per worker
+        return Response(text, media_type=METRICS_CONTENT_TYPE, headers={"cache-control": "no-store"})
 
     async def purge(request: Request) -> Response:
         token = settings.purge_token.get_secret_value() if settings.purge_token else ""
@@ -443,8 +528,12 @@ def create_app(settings: Settings | None = None) -> MoxyApp:
         removed = await state["proxy"].purge(url, variants)
         return Response(orjson.dumps({"removed": removed}), media_type="application/json")
 
-    routes = [Route("/healthz", healthz, methods=["GET", "HEAD"])]
+    routes = [
+        Route("/healthz", healthz, methods=["GET", "HEAD"]),
+        Route("/readyz", readyz, methods=["GET", "HEAD"]),
+        Route("/metrics", metrics_page, methods=["GET"]),
+    ]
     if settings.purge_token is not None:
         routes.append(Route("/purge", purge, methods=["POST"]))
     routes.append(Route("/{path:path}", serve, methods=["GET", "HEAD"]))
-    return MoxyApp(Starlette(routes=routes, lifespan=lifespan), state, settings.access_log)
+    return MoxyApp(Starlette(routes=routes, lifespan=lifespan), state, settings.access_log, metrics)

@@ -134,6 +134,8 @@ def serve(host: str | None, port: int | None, workers: int | None, init_key: boo
     for name, value in flags.items():
         if value is not None:
             os.environ[f"MOXY_{name.upper()}"] = str(value)
+    if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_fresh_metrics_dir(settings.cache_dir))
     # uvicorn finishes in-flight requests on SIGTERM, then re-raises the signal with the handler that was in
     # place before it started; with this one the process then exits 0, as a supervisor expects of a clean stop.
     signal.signal(signal.SIGTERM, _exit_cleanly)
@@ -149,6 +151,15 @@ def serve(host: str | None, port: int | None, workers: int | None, init_key: boo
         timeout_graceful_shutdown=30,
         log_level="warning",
     )
+
+
+def _fresh_metrics_dir(cache_dir: Path) -> Path:
+    """The folder where the workers' metrics meet; emptied first, as counters restart with the server."""
+    folder = cache_dir / "metrics"
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("*.db"):
+        stale.unlink(missing_ok=True)
+    return folder
 
 
 def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
