@@ -4,6 +4,8 @@ Starts a private nginx (temp prefix, free port, daemon off) serving a 10 KiB fil
 N times at concurrency 1, 8 and 32 with each client, in alternation, and prints req/s (median of the rounds).
 
     .venv/bin/python bench/upstream_client.py [--requests 3000] [--rounds 3]
+
+`python -m bench` runs it as one section, through `measure` and `render`.
 """
 
 from __future__ import annotations
@@ -86,7 +88,19 @@ async def run(fetch: Fetch, url: str, requests: int, concurrency: int) -> float:
     return requests / (time.perf_counter() - started)
 
 
-async def main(requests: int, rounds: int) -> None:
+CONCURRENCY = (1, 8, 32)
+Results = dict[str, dict[int, float]]
+
+
+def render(results: Results, rounds: int) -> str:
+    lines = [f"{'client':<30} {'c=1':>8} {'c=8':>8} {'c=32':>8}   (req/s, median of {rounds})"]
+    for name, by_concurrency in results.items():
+        lines.append(f"{name:<30} " + " ".join(f"{by_concurrency[c]:>8.0f}" for c in CONCURRENCY))
+    return "\n".join(lines)
+
+
+async def measure(requests: int, rounds: int) -> Results:
+    """Median req/s of each client at each concurrency."""
     with tempfile.TemporaryDirectory() as prefix_dir:
         prefix = Path(prefix_dir)
         process, port = start_nginx(prefix)
@@ -107,7 +121,7 @@ async def main(requests: int, rounds: int) -> None:
             limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
             moxy_httpx = Upstream(**options, transport=httpx.AsyncHTTPTransport(limits=limits))  # type: ignore[arg-type]
             session = aiohttp.ClientSession()
-            client = httpx.AsyncClient(limits=limits)
+            client = httpx.AsyncClient(limits=limits, trust_env=False)
 
             async def via_moxy_aiohttp(target: str) -> int:
                 return (await moxy_aiohttp.fetch(target, {"Accept": "*/*"})).length
@@ -132,18 +146,16 @@ async def main(requests: int, rounds: int) -> None:
             for fetch in clients.values():
                 await run(fetch, url, 300, 8)  # warm-up: pools filled
             for _ in range(rounds):
-                for concurrency in (1, 8, 32):
+                for concurrency in CONCURRENCY:
                     for name, fetch in clients.items():
                         rate = await run(fetch, url, requests, concurrency)
                         results.setdefault((name, concurrency), []).append(rate)
-            print(f"{'client':<30} {'c=1':>8} {'c=8':>8} {'c=32':>8}   (req/s, median of {rounds})")
-            for name in clients:
-                row = [statistics.median(results[(name, c)]) for c in (1, 8, 32)]
-                print(f"{name:<30} " + " ".join(f"{value:>8.0f}" for value in row))
+            medians = {name: {c: statistics.median(results[(name, c)]) for c in CONCURRENCY} for name in clients}
             await moxy_aiohttp.aclose()
             await moxy_httpx.aclose()
             await session.close()
             await client.aclose()
+            return medians
         finally:
             process.send_signal(signal.SIGQUIT)
             try:
@@ -158,4 +170,4 @@ if __name__ == "__main__":
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=3)
     arguments = parser.parse_args()
-    uvloop.run(main(arguments.requests, arguments.rounds))
+    print(render(uvloop.run(measure(arguments.requests, arguments.rounds)), arguments.rounds))
