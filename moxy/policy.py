@@ -9,7 +9,7 @@ import fnmatch
 import ipaddress
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeAlias
 from urllib.parse import unquote_to_bytes
 
@@ -102,6 +102,7 @@ _NAT64_LAYOUTS: dict[int, tuple[slice, ...]] = {
 
 # Same set the signer refuses: C0 controls, space, DEL, C1 controls and every Unicode space. WHATWG parsers
 # silently drop some of these (tab, newline) and others do not, so a URL carrying any is refused.
+ACCEPTED_MEMO_SIZE = 4096
 _FORBIDDEN = re.compile(r"[\x00-\x20\x7f-\x9f\s]")
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
 _PORT = re.compile(r"[0-9]{1,5}")
@@ -196,6 +197,9 @@ class DestinationPolicy:
     allowed_networks: tuple[IPNetwork, ...] = ()
     allow_hosts: tuple[str, ...] = ()
     deny_hosts: tuple[str, ...] = ()
+    # URLs already checked and accepted: the same URL is checked on every request and every fetch, and the
+    # answer depends only on the URL and this (immutable) policy. Refusals are not kept; they are cheap to redo.
+    _accepted: dict[str, Target] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "allowed_networks", tuple(self.allowed_networks))
@@ -227,6 +231,9 @@ class DestinationPolicy:
         Refuses (DestinationRefused) other schemes, credentials, port 0, malformed or denied hosts, and an
         IP-literal host (in any spelling a browser accepts) whose address `check_address` refuses. For a
         name, the caller resolves `Target.host` and passes the answers to `choose_addresses`."""
+        known = self._accepted.get(url)
+        if known is not None:
+            return known
         scheme, host_text, port = _split_url(url)
         host, address = parse_host(host_text)
         if any(fnmatch.fnmatchcase(host, pattern) for pattern in self.deny_hosts):
@@ -235,7 +242,11 @@ class DestinationPolicy:
             raise DestinationRefused(f"host {host} is not in the allowed hosts")
         if address is not None:
             self.check_address(address)
-        return Target(scheme=scheme, host=host, port=port, address=address)
+        target = Target(scheme=scheme, host=host, port=port, address=address)
+        if len(self._accepted) >= ACCEPTED_MEMO_SIZE:
+            self._accepted.clear()  # crude but bounded; a hot set refills at once
+        self._accepted[url] = target
+        return target
 
     def check_address(self, address: str | IPAddress) -> IPAddress:
         """Return the address (parsed) if Moxy may connect to it, else raise DestinationRefused.

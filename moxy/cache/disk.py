@@ -141,6 +141,10 @@ class DiskStorage:
     # -- public API ----------------------------------------------------------------------
 
     async def get(self, key: str) -> Entry | None:
+        # A miss is decided on the loop by one stat of a name in the (dentry-cached) cache folder, far cheaper than
+        # the thread hop that reading an entry needs; the uncacheable and cold paths are all misses.
+        if not os.path.exists(self._meta_path(storage_id(key))):
+            return None
         return await anyio.to_thread.run_sync(self._get, key)
 
     async def put(self, entry: Entry) -> None:

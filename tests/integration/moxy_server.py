@@ -34,6 +34,9 @@ class MoxyServer:
     def start(self) -> MoxyServer:
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # uvicorn takes an inherited fd for a Unix socket and so never sets TCP_NODELAY on what it accepts; on
+        # Linux accepted sockets inherit it from the listener, which spares every answer a delayed-ACK wait.
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         listener.bind(("127.0.0.1", 0))
         listener.listen(1024)
         listener.set_inheritable(True)
