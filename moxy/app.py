@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import tempfile
 import time
@@ -89,6 +90,11 @@ def _error_response(error: MoxyError, *, cache: str, head: bool = False) -> Resp
     return Response(b"" if head else body, status_code=status, headers=headers, media_type="application/json")
 
 
+def surrogate_key(url: str) -> str:
+    """The CDN purge key of an upstream URL: the same for all its variants, and no URL in the clear."""
+    return hashlib.sha256(url.encode("utf-8", "surrogatepass")).hexdigest()[:24]
+
+
 def _etag(digest: str) -> str:
     return f'"{digest[:32]}"'
 
@@ -108,6 +114,7 @@ def _entry_headers(served: Served, vary: str) -> dict[str, str]:
         headers["cache-control"] = "private, no-store"
     headers["age"] = str(max(0, int(served.age)))
     headers["accept-ranges"] = "bytes"
+    headers["surrogate-key"] = surrogate_key(entry.url)
     if vary:
         headers["vary"] = vary
     result = served.cache.value
@@ -525,8 +532,9 @@ def create_app(settings: Settings | None = None) -> MoxyApp:
         accept = request.headers.get("x-moxy-purge-accept")
         if accept:
             variants = ({}, {"accept": accept})
-        removed = await state["proxy"].purge(url, variants)
-        return Response(orjson.dumps({"removed": removed}), media_type="application/json")
+        removed, upstream_url = await state["proxy"].purge(url, variants)
+        answer = {"removed": removed, "surrogate_key": surrogate_key(upstream_url)}
+        return Response(orjson.dumps(answer), media_type="application/json", headers={"cache-control": "no-store"})
 
     routes = [
         Route("/healthz", healthz, methods=["GET", "HEAD"]),

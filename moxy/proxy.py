@@ -155,9 +155,9 @@ class Proxy:
         self._inflight: dict[str, asyncio.Task[Outcome]] = {}
         self._background: set[asyncio.Task[Outcome]] = set()
         self._negative: TTLCache[str, tuple[float, UpstreamError, int | None]] = TTLCache(
-            maxsize=100_000, ttl=max(negative_ttl, 0.001)
+            maxsize=100_000, ttl=max(negative_ttl, 0.001), timer=clock
         )
-        self._uncacheable: TTLCache[str, bool] = TTLCache(maxsize=100_000, ttl=UNCACHEABLE_MARK_SECONDS)
+        self._uncacheable: TTLCache[str, bool] = TTLCache(maxsize=100_000, ttl=UNCACHEABLE_MARK_SECONDS, timer=clock)
 
     # -- the flow ---------------------------------------------------------------
 
@@ -204,8 +204,9 @@ class Proxy:
                 chosen[name] = " ".join(value.split())
         return chosen
 
-    async def purge(self, url_or_moxy_url: str, variants: tuple[Mapping[str, str], ...] = ({},)) -> int:
-        """Remove the entries of one upstream URL from every tier; returns how many this worker removed.
+    async def purge(self, url_or_moxy_url: str, variants: tuple[Mapping[str, str], ...] = ({},)) -> tuple[int, str]:
+        """Remove the entries of one upstream URL from every tier; returns how many this worker removed, and
+        the upstream URL that was purged.
 
         The variants listed are deleted at once; every other variant, and the copies other workers hold in
         memory, are dropped when next looked up (through the shared purge log)."""
@@ -220,7 +221,7 @@ class Proxy:
             key = make_key(url, self.forwarded_headers(forwarded))
             self._negative.pop(key, None)
             removed += int(await self.storage.delete(key))
-        return removed
+        return removed, url
 
     async def aclose(self) -> None:
         tasks = list(self._background) + list(self._inflight.values())
@@ -237,7 +238,9 @@ class Proxy:
             return await self._fetch_and_store(key, url, forwarded, stale, store=False)
         task = self._inflight.get(key)
         if task is None:
-            task = self._start(key, url, forwarded, stale)
+            # The request that starts the fetch waits for it whatever it takes (the upstream timeouts bound it);
+            # the lock timeout is for those queued behind someone else's fetch.
+            return await asyncio.shield(self._start(key, url, forwarded, stale))
         try:
             # shield: a client that goes away must not cancel the fetch the other waiters share.
             return await asyncio.wait_for(asyncio.shield(task), timeout=self.lock_timeout)
@@ -253,6 +256,9 @@ class Proxy:
     def _refresh_in_background(self, key: str, url: str, forwarded: dict[str, str], stale: Entry) -> None:
         if key in self._inflight:
             return
+        remembered = self._negative.get(key)
+        if remembered is not None and remembered[0] > self.clock():
+            return  # the last refresh failed moments ago: do not hammer a broken upstream
         task = self._start(key, url, forwarded, stale)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -277,17 +283,25 @@ class Proxy:
             return await self._failure(key, stale, exc, None, time.perf_counter() - started)
         elapsed = time.perf_counter() - started
         try:
-            return await self._accept(key, url, stale, response, elapsed, store=store)
+            return await self._accept(key, url, forwarded, stale, response, elapsed, store=store)
         finally:
             if response.body_path is not None:
                 _unlink_quietly(response.body_path)
 
     async def _accept(
-        self, key: str, url: str, stale: Entry | None, response: UpstreamResponse, elapsed: float, *, store: bool
+        self,
+        key: str,
+        url: str,
+        forwarded: dict[str, str],
+        stale: Entry | None,
+        response: UpstreamResponse,
+        elapsed: float,
+        *,
+        store: bool,
     ) -> Outcome:
         status = response.status
         if status == 304 and stale is not None:
-            return await self._revalidated(stale, response, elapsed)
+            return await self._revalidated(stale, forwarded, response, elapsed)
         if not 200 <= status < 300:
             error = UpstreamError(f"upstream-status-{status}", status=status)
             return await self._failure(key, stale, error, status, elapsed)
@@ -360,7 +374,9 @@ class Proxy:
             upstream_seconds=elapsed,
         )
 
-    async def _revalidated(self, stale: Entry, response: UpstreamResponse, elapsed: float) -> Outcome:
+    async def _revalidated(
+        self, stale: Entry, forwarded: dict[str, str], response: UpstreamResponse, elapsed: float
+    ) -> Outcome:
         # RFC 9111 §4.3.4: the 304's headers update the stored ones; the body stays.
         merged = dict(stale.headers)
         merged.update(response.headers)
@@ -382,7 +398,7 @@ class Proxy:
         self._negative.pop(refreshed.key, None)
         served = await self._serve(refreshed, CacheResult.REVALIDATED, self.clock())
         if served is None:
-            return await self._fetch_and_store(refreshed.key, refreshed.url, {}, None, store=True)
+            return await self._fetch_and_store(refreshed.key, refreshed.url, forwarded, None, store=True)
         return replace(served, upstream_status=304, upstream_seconds=elapsed)
 
     async def _failure(
