@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -24,7 +25,7 @@ from starlette.types import Receive, Scope, Send
 
 from moxy import __version__
 from moxy.accesslog import path_digest, write_access
-from moxy.cache import DiskStorage, MemoryStorage, Storage, TieredStorage
+from moxy.cache import DiskStorage, Entry, MemoryStorage, Storage, TieredStorage
 from moxy.cache.freshness import FreshnessRules
 from moxy.cache.purges import PurgeLog
 from moxy.config import Settings, load_settings
@@ -42,7 +43,7 @@ from moxy.policy import DestinationPolicy
 from moxy.proxy import CacheResult, Failed, Fetch, OpenBody, Proxy, ProxyRequest, Served
 from moxy.rules import parse_rules
 from moxy.shortcut import HitShortcut
-from moxy.signing import Signer
+from moxy.signing import MIN_KEY_BYTES, Signer
 from moxy.upstream import Upstream, UpstreamResponse
 from moxy.validation import build_chain
 
@@ -95,6 +96,11 @@ def surrogate_key(url: str) -> str:
     return hashlib.sha256(url.encode("utf-8", "surrogatepass")).hexdigest()[:24]
 
 
+def _last_modified(entry: Entry) -> str:
+    """The upstream's Last-Modified, else when Moxy stored the copy: the date clients revalidate against."""
+    return entry.header("last-modified") or formatdate(entry.stored_at, usegmt=True)
+
+
 def _etag(digest: str) -> str:
     return f'"{digest[:32]}"'
 
@@ -104,7 +110,7 @@ def _entry_headers(served: Served, vary: str) -> dict[str, str]:
     headers = {name: value for name, value in entry.headers if name not in NOT_SENT}
     headers.update(SECURITY_HEADERS)
     headers["etag"] = _etag(entry.digest)
-    headers.setdefault("last-modified", formatdate(entry.stored_at, usegmt=True))
+    headers["last-modified"] = _last_modified(entry)
     # DESIGN section 6: the full lifetime with Age, never the remaining lifetime (a CDN subtracts Age itself).
     headers["cache-control"] = (
         f"public, max-age={int(entry.lifetime)}, stale-while-revalidate={int(entry.stale_while_revalidate)}, "
@@ -132,7 +138,7 @@ def _not_modified(request: Request, served: Served) -> bool:
         candidates = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
         return "*" in candidates or etag in candidates
     since = request.headers.get("if-modified-since")
-    modified = served.entry.header("last-modified")
+    modified = _last_modified(served.entry)
     if since and modified:
         try:
             return parsedate_to_datetime(modified) <= parsedate_to_datetime(since)
@@ -144,6 +150,8 @@ def _not_modified(request: Request, served: Served) -> bool:
 def _byte_range(request: Request, served: Served, length: int) -> tuple[int, int] | None | str:
     """(start, end inclusive) for a satisfiable single range, "unsatisfiable", or None to send the whole body."""
     header = request.headers.get("range")
+    if request.method != "GET":
+        return None  # RFC 9110 §14.2: Range is ignored for every other method, HEAD included
     if not header or not header.startswith("bytes=") or "," in header:
         return None  # absent, malformed or multi-range: the full 200 is a correct answer
     if_range = request.headers.get("if-range")
@@ -370,10 +378,22 @@ def _probe_writable(folder: Path) -> None:
         probe.flush()
 
 
+def _warn_about_short_camo_keys(keys: list[str]) -> None:
+    # DESIGN section 1: legacy camo keys are often short; they are accepted (published URLs must keep working)
+    # but never silently. The key itself is never printed.
+    for position, key in enumerate(keys, start=1):
+        if len(key.encode("utf-8")) < MIN_KEY_BYTES:
+            sys.stderr.write(
+                f"moxy: warning: MOXY_CAMO_KEY key {position} is shorter than {MIN_KEY_BYTES} bytes; accepted for "
+                "camo compatibility only (verification), plan to re-sign with MOXY_KEY\n"
+            )
+
+
 def create_app(settings: Settings | None = None) -> MoxyApp:
     """The Moxy ASGI app. Configuration errors surface here, before the first request."""
     settings = settings or load_settings()
     signer = Signer(settings.signing_keys(), settings.base_url, camo_keys=settings.camo_keys())
+    _warn_about_short_camo_keys(settings.camo_keys())
     policy = DestinationPolicy.from_settings_values(
         settings.allowed_networks, settings.allow_hosts, settings.deny_hosts
     )
@@ -506,10 +526,11 @@ def create_app(settings: Settings | None = None) -> MoxyApp:
         return Response(text, media_type=METRICS_CONTENT_TYPE, headers={"cache-control": "no-store"})
 
     async def purge(request: Request) -> Response:
-        token = settings.purge_token.get_secret_value() if settings.purge_token else ""
-        given = request.headers.get("authorization", "")
-        expected = f"Bearer {token}"
-        if not hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode("utf-8")):
+        token = settings.purge_token.get_secret_value().encode("utf-8") if settings.purge_token else b""
+        scheme, _, credentials = request.headers.get("authorization", "").strip().partition(" ")
+        # RFC 9110 §11.1: the scheme is case-insensitive; the token is compared in constant time.
+        given = credentials.strip().encode("utf-8", "replace")
+        if not token or scheme.lower() != "bearer" or not hmac.compare_digest(given, token):
             return Response(
                 b'{"error":"Unauthorized","reason":"bad or missing purge token"}',
                 status_code=401,

@@ -115,6 +115,14 @@ class Settings(BaseSettings):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
 
+    @field_validator("purge_token")
+    @classmethod
+    def _check_purge_token(cls, value: SecretStr | None) -> SecretStr | None:
+        # Set but empty is an unfilled template, not a choice: it must not open purge to an empty credential.
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("is empty; unset it to turn purge off, or give a token")
+        return value
+
     @field_validator("allowed_networks")
     @classmethod
     def _check_networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:

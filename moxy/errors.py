@@ -65,9 +65,10 @@ class BadSignature(VerificationError):
 class ExpiredURL(VerificationError):
     """The signature is good but its expiry time has passed."""
 
-    def __init__(self, reason: str, expired_at: int) -> None:
+    def __init__(self, reason: str, expired_at: int, url: str | None = None) -> None:
         super().__init__(reason)
         self.expired_at = expired_at
+        self.url = url  # what the (good) signature vouches for; never shown to clients
 
 
 class DestinationRefused(MoxyError):

@@ -21,7 +21,7 @@ from moxy.cache import Storage
 from moxy.cache.entry import BodyFile, Entry, make_key
 from moxy.cache.freshness import Decision, FreshnessRules, assess, current_age, decide, is_storable, usable_on_error
 from moxy.cache.purges import PurgeLog
-from moxy.errors import DestinationRefused, MoxyError, UpstreamError, VerificationError
+from moxy.errors import DestinationRefused, ExpiredURL, MoxyError, UpstreamError, VerificationError
 from moxy.policy import DestinationPolicy
 from moxy.signing import Signer
 from moxy.upstream import UpstreamResponse
@@ -212,6 +212,9 @@ class Proxy:
         memory, are dropped when next looked up (through the shared purge log)."""
         try:
             url = self.signer.verify(url_or_moxy_url)
+        except ExpiredURL as exc:
+            # Expired for clients, but the signature is good: it still names an entry an operator may purge.
+            url = exc.url or url_or_moxy_url
         except VerificationError:
             url = url_or_moxy_url
         if self.purges is not None:

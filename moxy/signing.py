@@ -187,7 +187,7 @@ class Signer:
         if not _matches_any(given, message, self._keys, hashlib.sha256):
             raise BadSignature("signature does not match")
         if expires_at is not None and self._clock() >= expires_at:
-            raise ExpiredURL(f"URL expired at {expires_at} ({_iso(expires_at)})", expires_at)
+            raise ExpiredURL(f"URL expired at {expires_at} ({_iso(expires_at)})", expires_at, url)
         return VerifiedURL(url, expires_at, "native")
 
     def _verify_camo_hex(self, digest: str, encoded: str) -> VerifiedURL:

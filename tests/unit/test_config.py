@@ -94,6 +94,8 @@ def test_comma_lists_round_trip(names: list[str]) -> None:
         ("MOXY_FORWARD_HEADERS", "Proxy-Authorization"),
         ("MOXY_FORWARD_HEADERS", "Host"),
         ("MOXY_TTL_MIN", "-5"),
+        ("MOXY_PURGE_TOKEN", ""),  # set but empty: an unfilled template must not open purge
+        ("MOXY_PURGE_TOKEN", "   "),
     ],
 )
 def test_bad_setting_names_itself(monkeypatch: pytest.MonkeyPatch, variable: str, raw: str) -> None:

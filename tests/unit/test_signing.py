@@ -143,6 +143,7 @@ def test_expiry_range_is_what_verification_reads() -> None:
     with pytest.raises(ExpiredURL) as caught:
         fixed_clock(NOW).verify(fixed_clock(NOW).sign(url, expires_at=0))
     assert caught.value.expired_at == 0
+    assert caught.value.url == url, "the good signature still says which URL (purge needs it)"
     for too_late in (latest + 1, 2**63):
         with pytest.raises(ValueError, match="unix time"):
             fixed_clock(NOW).sign(url, expires_at=too_late)
