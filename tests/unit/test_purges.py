@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from moxy.cache.entry import Entry, make_key
+from moxy.cache.entry import Entry
 from moxy.cache.purges import PurgeLog
+from tests.entries import make_entry
 
 pytestmark = pytest.mark.anyio
 
@@ -16,23 +17,7 @@ URL = "https://images.example/cat.png"
 
 
 def entry(url: str = URL, stored_at: float = 100.0, accept: str | None = None) -> Entry:
-    return Entry(
-        key=make_key(url, {"accept": accept} if accept else {}),
-        url=url,
-        status=200,
-        headers=(),
-        stored_at=stored_at,
-        age=0,
-        lifetime=60,
-        stale_while_revalidate=0,
-        stale_if_error=0,
-        must_revalidate=False,
-        no_cache=False,
-        etag=None,
-        last_modified=None,
-        digest="0" * 64,
-        length=0,
-    )
+    return make_entry(url, accept=accept, stored_at=stored_at)
 
 
 async def test_nothing_purged_covers_nothing(tmp_path: Path) -> None:

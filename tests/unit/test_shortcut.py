@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from moxy.cache.entry import Entry, make_key
+from moxy.cache.entry import Entry
 from moxy.cache.memory import MemoryStorage
 from moxy.cache.purges import PurgeLog
 from moxy.shortcut import HitShortcut
+from tests.entries import make_entry
 
 pytestmark = pytest.mark.anyio
 
@@ -36,25 +37,8 @@ class Clock:
 
 
 def entry(**changes: object) -> Entry:
-    base = Entry(
-        key=make_key(URL, {"accept": "image/webp"}),
-        url=URL,
-        status=200,
-        headers=(("content-type", "image/png"),),
-        stored_at=1000.0,
-        age=5.0,
-        lifetime=100.0,
-        stale_while_revalidate=0,
-        stale_if_error=0,
-        must_revalidate=False,
-        no_cache=False,
-        etag=None,
-        last_modified=None,
-        digest="a" * 64,
-        length=len(BODY),
-        body=BODY,
-    )
-    return replace(base, **changes)  # type: ignore[arg-type]
+    defaults: dict[str, object] = {"stored_at": 1000.0, "age": 5.0, "lifetime": 100.0, "digest": "a" * 64}
+    return make_entry(URL, BODY, accept="image/webp", **{**defaults, **changes})
 
 
 async def setup(
