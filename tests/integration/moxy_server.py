@@ -19,9 +19,10 @@ TEST_KEY = "integration-test-key-0123456789"
 
 
 class MoxyServer:
-    def __init__(self, cache_dir: Path, *, workers: int = 1, **settings: Any) -> None:
+    def __init__(self, cache_dir: Path, *, workers: int = 1, app: str = "moxy.app:create_app", **settings: Any) -> None:
         self.cache_dir = cache_dir
         self.workers = workers
+        self.app = app  # an app factory path: tests may wrap the real one with a seam (see tests/integration/seams.py)
         self.settings = settings
         self.process: subprocess.Popen[bytes] | None = None
         self.port = 0
@@ -51,7 +52,7 @@ class MoxyServer:
             }
         )
         env.update({f"MOXY_{name.upper()}": str(value) for name, value in self.settings.items()})
-        command = [sys.executable, "-m", "uvicorn", "--factory", "moxy.app:create_app", "--fd", str(listener.fileno())]
+        command = [sys.executable, "-m", "uvicorn", "--factory", self.app, "--fd", str(listener.fileno())]
         command += ["--workers", str(self.workers), "--log-level", "warning", "--no-access-log"]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(command, env=env, pass_fds=[listener.fileno()], stderr=log, stdout=log)
