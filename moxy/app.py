@@ -27,9 +27,7 @@ from moxy.cache import DiskStorage, MemoryStorage, Storage, TieredStorage
 from moxy.cache.freshness import FreshnessRules
 from moxy.cache.purges import PurgeLog
 from moxy.config import Settings, load_settings
-from moxy.errors import (
-    UpstreamError,
-)
+from moxy.errors import ConfigError, UpstreamError
 from moxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics
 from moxy.policy import DestinationPolicy
 from moxy.proxy import CacheResult, Failed, Fetch, Proxy, ProxyRequest, Served
@@ -52,7 +50,7 @@ class _Tiers:
     disk: DiskStorage | None
 
 
-def _build_storage(settings: Settings) -> _Tiers:
+def _build_storage(settings: Settings, purges: PurgeLog) -> _Tiers:
     tiers: list[Storage] = []
     memory: MemoryStorage | None = None
     if settings.memory_cache_bytes > 0:
@@ -66,7 +64,7 @@ def _build_storage(settings: Settings) -> _Tiers:
         from moxy.cache.redis import RedisStorage
 
         tiers.append(RedisStorage(settings.redis_url.get_secret_value()))
-    return _Tiers(TieredStorage(tiers), memory, disk)
+    return _Tiers(TieredStorage(tiers, purges), memory, disk)
 
 
 def _build_rules(settings: Settings) -> Any:
@@ -76,8 +74,6 @@ def _build_rules(settings: Settings) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        from moxy.errors import ConfigError
-
         raise ConfigError("MOXY_RULES_FILE", f"cannot read {path}: {exc.strerror}") from exc
     if path.suffix.lower() == ".json":
         return parse_rules(text, source=str(path), fmt="json")
@@ -100,12 +96,13 @@ class MoxyApp:
             key = shortcut.key_of(scope["path"], scope["query_string"], scope["headers"])
             found = shortcut.find(key) if key is not None else None
             if found is not None:
-                prepared, now = found
-                await send({"type": "http.response.start", "status": 200, "headers": prepared.headers_at(now)})
-                await send({"type": "http.response.body", "body": prepared.body})
+                prepared, entry, now = found
+                headers = prepared.headers_at(entry, now)
+                await send({"type": "http.response.start", "status": 200, "headers": headers})
+                await send({"type": "http.response.body", "body": entry.body})
                 self.metrics.count_hit(time.perf_counter() - started)
                 if self.access_log:
-                    _log_access("GET", scope["path"], 200, "HIT", None, None, None, prepared.entry.length, started)
+                    _log_access("GET", scope["path"], 200, "HIT", None, None, None, entry.length, started)
                 return
         await self.router(scope, receive, send)
 
@@ -163,7 +160,7 @@ async def _set_tier_gauges(tiers: _Tiers, metrics: Metrics) -> None:
         metrics.memory_bytes.set(tiers.memory.currsize)
         metrics.memory_items.set(len(tiers.memory))
     if tiers.disk is not None:
-        metrics.disk_bytes.set(await tiers.disk.usage())
+        metrics.disk_bytes.set(tiers.disk.counted_usage())
 
 
 async def _report_tiers(tiers: _Tiers, metrics: Metrics, interval: float = TIER_REPORT_SECONDS) -> None:
@@ -233,12 +230,12 @@ def create_app(settings: Settings | None = None) -> MoxyApp:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        tiers = _build_storage(settings)
+        purges = PurgeLog(Path(settings.cache_dir) / "purges.log")
+        await purges.refresh()
+        tiers = _build_storage(settings, purges)
         storage, disk = tiers.storage, tiers.disk
         spool = disk.spool_dir if disk is not None else Path(settings.cache_dir) / "tmp"
         spool.mkdir(parents=True, exist_ok=True)
-        purges = PurgeLog(Path(settings.cache_dir) / "purges.log")
-        await purges.refresh()
         upstream = Upstream(
             policy=policy,
             connect_timeout=settings.connect_timeout,
@@ -315,14 +312,11 @@ def create_app(settings: Settings | None = None) -> MoxyApp:
 
     def _prepare_shortcut(request: Request, served: Served, response: Response) -> None:
         shortcut: HitShortcut | None = state.get("shortcut")
-        if shortcut is None:
+        if shortcut is None or not shortcut.eligible(served.entry):
             return
         key = shortcut.key_of(request.scope["path"], request.scope["query_string"], request.scope["headers"])
-        if key is None:
-            return
-        # Verified again (once per prepared answer, not per hit) only to learn when the signed URL expires.
-        expires_at = signer.verify_path(request.url.path, request.url.query).expires_at
-        shortcut.remember(key, served.entry, response.raw_headers, expires_at)
+        if key is not None:
+            shortcut.remember(key, served.entry, response.raw_headers, served.url_expires_at)
 
     async def healthz(request: Request) -> Response:
         return Response(b'{"status":"ok"}', media_type="application/json", headers={"cache-control": "no-store"})

@@ -72,7 +72,7 @@ class Metrics:
             "moxy_memory_cache_items", "Entries held by memory tiers.", registry=registry, multiprocess_mode="livesum"
         )
         self.disk_bytes = Gauge(
-            "moxy_disk_cache_bytes", "Bytes held by the disk tier.", registry=registry, multiprocess_mode="max"
+            "moxy_disk_cache_bytes", "Bytes held by the disk tier.", registry=registry, multiprocess_mode="livemax"
         )
         # The answer nearly every request gets, bound once: labels() takes a lock and a dict lookup.
         self._hit = self.requests.labels(status="200", cache="HIT")

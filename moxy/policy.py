@@ -100,9 +100,10 @@ _NAT64_LAYOUTS: dict[int, tuple[slice, ...]] = {
     48: (slice(6, 8), slice(9, 11)),
 }
 
+# How many accepted URLs DestinationPolicy remembers (the hot set of a busy worker fits; the rest is re-checked).
+ACCEPTED_MEMO_SIZE = 4096
 # Same set the signer refuses: C0 controls, space, DEL, C1 controls and every Unicode space. WHATWG parsers
 # silently drop some of these (tab, newline) and others do not, so a URL carrying any is refused.
-ACCEPTED_MEMO_SIZE = 4096
 _FORBIDDEN = re.compile(r"[\x00-\x20\x7f-\x9f\s]")
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
 _PORT = re.compile(r"[0-9]{1,5}")

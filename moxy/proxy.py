@@ -104,6 +104,7 @@ class Served:
     reason: str | None = None  # why a stale copy was served, or why the answer was not stored
     upstream_status: int | None = None
     upstream_seconds: float | None = None
+    url_expires_at: int | None = None  # when the signed URL stops being valid (set on hits, for the shortcut)
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +164,8 @@ class Proxy:
 
     async def handle(self, request: ProxyRequest) -> Outcome:
         try:
-            url = self.signer.verify_path(request.path, request.query).url
+            verified = self.signer.verify_path(request.path, request.query)
+            url = verified.url
             self.policy.check_url(url)
         except (VerificationError, DestinationRefused) as exc:
             return Failed(exc, CacheResult.BYPASS)
@@ -180,6 +182,8 @@ class Proxy:
             served: Served | None = None
             if decision is Decision.FRESH:
                 served = await self._serve(entry, CacheResult.HIT, now)
+                if served is not None and verified.expires_at is not None:
+                    served = replace(served, url_expires_at=verified.expires_at)
             elif decision is Decision.STALE_WHILE_REVALIDATE:
                 self._refresh_in_background(key, url, forwarded, entry)
                 served = await self._serve(entry, CacheResult.STALE, now, reason="stale-while-revalidate")

@@ -11,6 +11,7 @@ this only ever answers what the full flow would have answered with the same byte
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -36,21 +37,23 @@ ShortcutKey = tuple[str, bytes, tuple[bytes, ...]]
 
 @dataclass(frozen=True, slots=True)
 class PreparedHit:
-    """One rendered answer minus the parts that change with time (Age and the ttl in Cache-Status)."""
+    """One rendered answer minus the parts that change with time (Age and the ttl in Cache-Status).
 
-    entry: Entry
-    body: bytes
+    The entry is held weakly: once the memory tier lets go of it (eviction, purge, replacement) nothing here
+    keeps its body alive, so the shortcut never holds more body bytes than MOXY_MEMORY_CACHE_BYTES allows."""
+
+    entry: weakref.ReferenceType[Entry]
     headers: list[tuple[bytes, bytes]]
     cache_status_prefix: bytes
     fresh_until: float
     url_expires_at: float | None
 
-    def headers_at(self, now: float) -> list[tuple[bytes, bytes]]:
-        age = current_age(self.entry, now)
+    def headers_at(self, entry: Entry, now: float) -> list[tuple[bytes, bytes]]:
+        age = current_age(entry, now)
         return [
             *self.headers,
             (b"age", b"%d" % max(0, int(age))),
-            (b"cache-status", self.cache_status_prefix + b"%d" % int(self.entry.lifetime - age)),
+            (b"cache-status", self.cache_status_prefix + b"%d" % int(entry.lifetime - age)),
         ]
 
 
@@ -63,38 +66,40 @@ class HitShortcut:
         purges: PurgeLog | None,
         forward_headers: Sequence[str],
         clock: Callable[[], float],
-        max_items: int = 50_000,
+        max_items: int = 20_000,
     ) -> None:
         self.memory = memory
         self.purges = purges
         self.forwarded = tuple(name.lower().encode("latin-1") for name in forward_headers)
         self.clock = clock
-        # Bodies are shared with the memory tier, so this costs only the keys and header lists.
+        # Bodies stay with the memory tier (held weakly here): this costs the keys and header lists, ~1 KiB each.
         self._prepared: LRUCache[ShortcutKey, PreparedHit] = LRUCache(maxsize=max_items)
 
     def key_of(self, path: str, query: bytes, headers: Sequence[tuple[bytes, bytes]]) -> ShortcutKey | None:
         """The identity of a request, or None when one of its headers asks for more than a plain 200."""
-        values: list[bytes] = [b""] * len(self.forwarded)
+        values: list[bytes | None] = [None] * len(self.forwarded)
         for name, value in headers:
             if name in _DIVERTING:
                 return None
             for position, wanted in enumerate(self.forwarded):
                 if name == wanted:
-                    # Several lines of one header: the full flow joins them, so leave that case to it.
-                    if values[position]:
+                    # A repeated line (even after an empty one) is left to the full flow, whose reading of it
+                    # decides the variant; guessing here could hand one variant's answer to another.
+                    if values[position] is not None:
                         return None
                     values[position] = value
-        return path, query, tuple(values)
+        return path, query, tuple(value or b"" for value in values)
 
-    def find(self, key: ShortcutKey) -> tuple[PreparedHit, float] | None:
-        """The prepared answer and the current time, when it may still be sent exactly as prepared."""
+    def find(self, key: ShortcutKey) -> tuple[PreparedHit, Entry, float] | None:
+        """The prepared answer, its entry and the current time, when it may still be sent exactly as prepared."""
         prepared = self._prepared.get(key)
         if prepared is None:
             return None
         now = self.clock()
-        entry = prepared.entry
+        entry = prepared.entry()
         if (
-            now >= prepared.fresh_until
+            entry is None
+            or now >= prepared.fresh_until
             or (prepared.url_expires_at is not None and now >= prepared.url_expires_at)
             or not self.memory.holds(entry)
             or (self.purges is not None and self.purges.covers(entry))
@@ -102,13 +107,13 @@ class HitShortcut:
             # Dropped rather than refreshed: the full flow decides what happens next and prepares anew.
             self._prepared.pop(key, None)
             return None
-        return prepared, now
+        return prepared, entry, now
 
     def remember(
         self, key: ShortcutKey, entry: Entry, raw_headers: Sequence[tuple[bytes, bytes]], url_expires_at: float | None
     ) -> None:
         """Keep a fresh answer the memory tier holds, as the full flow sent it for a plain HIT (`raw_headers`)."""
-        if entry.no_cache or not isinstance(entry.body, bytes) or not self.memory.holds(entry):
+        if not self.eligible(entry):
             return
         static: list[tuple[bytes, bytes]] = []
         cache_status = b""
@@ -121,13 +126,16 @@ class HitShortcut:
         if not marker or b"detail=" in cache_status:
             return  # only a plain hit is prepared
         self._prepared[key] = PreparedHit(
-            entry=entry,
-            body=entry.body,
+            entry=weakref.ref(entry),
             headers=static,
             cache_status_prefix=prefix + marker,
             fresh_until=entry.stored_at + entry.lifetime - entry.age,
             url_expires_at=url_expires_at,
         )
+
+    def eligible(self, entry: Entry) -> bool:
+        """Whether an answer with this entry could be prepared at all (checked before any work is spent on it)."""
+        return not entry.no_cache and isinstance(entry.body, bytes) and self.memory.holds(entry)
 
     def forget_all(self) -> None:
         self._prepared.clear()

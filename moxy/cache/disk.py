@@ -157,6 +157,11 @@ class DiskStorage:
     async def delete(self, key: str) -> bool:
         return await anyio.to_thread.run_sync(self._delete, key)
 
+    def counted_usage(self) -> int:
+        """Bytes in use by the shared counter every writer keeps up to date (one pread, no scan, no lock)."""
+        counted = self._read_usage()
+        return max(0, counted[0]) if counted is not None else 0
+
     async def usage(self) -> int:
         """Bytes in the folder's entries, recounted from the files (also resets the shared counter)."""
         return await anyio.to_thread.run_sync(self._recount)

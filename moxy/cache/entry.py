@@ -39,7 +39,7 @@ class BodyFile:
     length: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class Entry:
     """One stored response: the metadata of DESIGN section 4 plus its body (bytes or a file range).
 

@@ -59,8 +59,10 @@ class PurgeLog:
             return
         if size == self._size_seen:
             return
-        self._size_seen = size
+        if size < self._offset:
+            self._offset = 0  # replaced or truncated by hand: read it again from the start (purges only add up)
         await asyncio.to_thread(self._read_new)
+        self._size_seen = size  # only once read: a failed read is retried at the next poll
 
     async def watch(self, interval: float = POLL_SECONDS) -> None:
         """Poll for other workers' purges until cancelled."""
@@ -77,7 +79,8 @@ class PurgeLog:
 
     def _append(self, line: bytes) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        # 0600 like the entries: upstream URLs can carry credentials (presigned query strings).
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             os.write(fd, line)
         finally:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from moxy.cache import Storage
     from moxy.cache.entry import Entry
+    from moxy.cache.purges import PurgeLog
 
 __all__ = ["TieredStorage"]
 
@@ -21,14 +22,20 @@ class TieredStorage:
     lower one the older, never the reverse (an older copy above would shadow the newer one below it).
     delete() goes bottom-up, so a concurrent read cannot refill an upper tier from a lower one not yet purged."""
 
-    def __init__(self, tiers: Sequence[Storage]) -> None:
+    def __init__(self, tiers: Sequence[Storage], purges: PurgeLog | None = None) -> None:
         if not tiers:
             raise ValueError("TieredStorage needs at least one tier")
         self.tiers: tuple[Storage, ...] = tuple(tiers)
+        self.purges = purges
 
     async def get(self, key: str) -> Entry | None:
         for depth, tier in enumerate(self.tiers):
             entry = await tier.get(key)
+            if entry is not None and self.purges is not None and self.purges.covers(entry):
+                # This tier's copy predates a purge (made by another worker, or of another variant). Only it goes:
+                # a tier below may already hold the copy fetched since, which must not be thrown away too.
+                await tier.delete(key)
+                continue
             if entry is not None:
                 for upper in self.tiers[:depth]:
                     await upper.put(entry)  # each tier keeps what suits it (memory: small bytes bodies only)

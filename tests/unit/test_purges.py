@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from moxy.cache.entry import Entry
+from moxy.cache.memory import MemoryStorage
 from moxy.cache.purges import PurgeLog
+from moxy.cache.tiered import TieredStorage
 from tests.entries import make_entry
 
 pytestmark = pytest.mark.anyio
@@ -88,3 +90,39 @@ async def test_unchanged_log_is_not_reread(tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes().replace(b"200.0", b"900.0"))  # same size: a stat says nothing changed
     await reader.refresh()
     assert not reader.covers(replace(entry(), stored_at=500.0))
+
+
+async def test_a_log_replaced_by_a_shorter_one_is_read_from_the_start(tmp_path: Path) -> None:
+    path = tmp_path / "purges.log"
+    reader = PurgeLog(path)
+    await PurgeLog(path).record("https://a.example/long-url-that-makes-the-first-log-long.png", 100.0)
+    await reader.refresh()
+    path.unlink()
+    await PurgeLog(path).record(URL, 200.0)  # shorter than what the reader has already consumed
+    await reader.refresh()
+    assert reader.covers(entry(stored_at=150.0))
+
+
+async def test_the_log_is_private(tmp_path: Path) -> None:
+    path = tmp_path / "purges.log"
+    await PurgeLog(path).record(URL, 1.0)
+    assert path.stat().st_mode & 0o077 == 0, "upstream URLs may carry credentials"
+
+
+async def test_tiers_drop_only_the_copies_older_than_the_purge(tmp_path: Path) -> None:
+    """A worker still holding a pre-purge copy in memory must not delete the newer copy another worker stored."""
+    log = PurgeLog(tmp_path / "purges.log")
+    upper, lower = MemoryStorage(1 << 20, 1 << 20), MemoryStorage(1 << 20, 1 << 20)
+    tiers = TieredStorage([upper, lower], log)
+    old, new = make_entry(URL, b"old", stored_at=100.0), make_entry(URL, b"new", stored_at=300.0)
+    await upper.put(old)
+    await lower.put(new)
+    await log.record(URL, 200.0)
+    got = await tiers.get(old.key)
+    assert got is not None and got.body == b"new"
+    assert await lower.get(new.key) is new, "the newer copy below stays"
+    assert await upper.get(new.key) is new, "and refills the tier above"
+    await lower.delete(new.key)
+    await upper.put(old)
+    assert await tiers.get(old.key) is None, "only pre-purge copies: a miss, and they are gone"
+    assert await upper.get(old.key) is None

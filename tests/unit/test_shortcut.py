@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,9 +38,9 @@ class Clock:
         return self.now
 
 
-def entry(**changes: object) -> Entry:
+def entry(body: bytes = BODY, **changes: object) -> Entry:
     defaults: dict[str, object] = {"stored_at": 1000.0, "age": 5.0, "lifetime": 100.0, "digest": "a" * 64}
-    return make_entry(URL, BODY, accept="image/webp", **{**defaults, **changes})
+    return make_entry(URL, body, accept="image/webp", **{**defaults, **changes})
 
 
 async def setup(
@@ -65,9 +67,9 @@ async def test_prepared_answer_repeats_the_sent_headers_with_current_age(tmp_pat
     clock.now = 1010.0
     found = shortcut.find(key)
     assert found is not None
-    prepared, now = found
-    assert prepared.body is BODY
-    headers = prepared.headers_at(now)
+    prepared, held, now = found
+    assert held is stored and held.body is BODY
+    headers = prepared.headers_at(held, now)
     expected = [h for h in SENT if h[0] not in (b"age", b"cache-status")]
     assert headers[: len(expected)] == expected
     assert dict(headers)[b"age"] == b"15"  # 5 s old when stored, 10 s resident
@@ -81,7 +83,8 @@ async def test_prepared_answer_repeats_the_sent_headers_with_current_age(tmp_pat
         [(b"if-none-match", b'"abc"')],
         [(b"if-modified-since", b"Thu, 01 Jan 2026 00:00:00 GMT")],
         [(b"if-range", b'"abc"')],
-        [(b"accept", b"a"), (b"accept", b"b")],  # two lines of a forwarded header: the full flow joins them
+        [(b"accept", b"a"), (b"accept", b"b")],  # two lines of a forwarded header: the full flow decides
+        [(b"accept", b""), (b"accept", b"image/webp")],  # even after an empty one (it would be read as no Accept)
     ],
 )
 async def test_requests_asking_for_more_than_a_plain_200_go_the_full_way(
@@ -143,4 +146,18 @@ async def test_only_plain_resident_hits_are_prepared(tmp_path: Path) -> None:
     shortcut.remember(key, entry(no_cache=True), SENT, None)
     assert shortcut.find(key) is None
     shortcut.remember(key, entry(digest="b" * 64), SENT, None)  # not the object the memory tier holds
+    assert shortcut.find(key) is None
+
+
+async def test_a_dropped_entry_is_not_kept_alive_by_the_shortcut(tmp_path: Path) -> None:
+    stored = entry(body=b"\x89PNG\r\n\x1a\n" + b"q" * 100_000)
+    shortcut, memory, _, _ = await setup(tmp_path, stored)
+    key = shortcut.key_of("/d/e", b"", REQUEST_HEADERS)
+    assert key is not None
+    shortcut.remember(key, stored, SENT, None)
+    alive = weakref.ref(stored)
+    await memory.delete(stored.key)
+    del stored
+    gc.collect()
+    assert alive() is None, "an evicted body must be freed, not held by a prepared answer"
     assert shortcut.find(key) is None
