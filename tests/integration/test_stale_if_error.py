@@ -28,7 +28,8 @@ def _story(origin: Origin, moxy: MoxyServer, path: str, good: Reply, bad: Reply,
     assert first.status_code == 200 and first.headers["x-moxy-cache"] == "MISS"
     assert moxy.get(origin.url(path)).headers["x-moxy-cache"] == "HIT"
     origin.route(path, bad)
-    time.sleep(1.2)  # the good copy is now stale
+    # Stale for sure: Date has whole seconds, so a copy can be up to ~1 s old when stored, never fresh past 2 s.
+    time.sleep(2.1)
     for _ in range(100):
         answer = moxy.get(origin.url(path))
         assert answer.status_code == 200, answer.text
@@ -48,7 +49,7 @@ def _story(origin: Origin, moxy: MoxyServer, path: str, good: Reply, bad: Reply,
 
 def test_json_that_turns_into_a_wordpress_error(origin: Origin, start_moxy: StartMoxy) -> None:
     moxy = start_moxy(ttl_min=0, stale_while_revalidate=0, negative_ttl=1)
-    cc = {"Cache-Control": "max-age=1"}
+    cc = {"Cache-Control": "max-age=2"}
     _story(
         origin,
         moxy,
@@ -61,7 +62,7 @@ def test_json_that_turns_into_a_wordpress_error(origin: Origin, start_moxy: Star
 
 def test_image_that_turns_into_an_html_error_page(origin: Origin, start_moxy: StartMoxy) -> None:
     moxy = start_moxy(ttl_min=0, stale_while_revalidate=0, negative_ttl=1)
-    headers = {"Content-Type": "image/png", "Cache-Control": "max-age=1"}
+    headers = {"Content-Type": "image/png", "Cache-Control": "max-age=2"}
     _story(
         origin,
         moxy,
