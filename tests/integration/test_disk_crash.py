@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from moxy.cache import DiskStorage, Entry, make_key
+from tests.entries import make_entry
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 
@@ -54,25 +54,7 @@ def anyio_backend() -> str:
 
 
 def small_entry(name: str, body: bytes) -> Entry:
-    url = f"https://img.example/{name}"
-    return Entry(
-        key=make_key(url, {}),
-        url=url,
-        status=200,
-        headers=(),
-        stored_at=0.0,
-        age=0.0,
-        lifetime=60.0,
-        stale_while_revalidate=0.0,
-        stale_if_error=0.0,
-        must_revalidate=False,
-        no_cache=False,
-        etag=None,
-        last_modified=None,
-        digest=hashlib.sha256(body).hexdigest(),
-        length=len(body),
-        body=body,
-    )
+    return make_entry(f"https://img.example/{name}", body, headers=(), stored_at=0.0)
 
 
 async def test_sigkill_mid_write_leaves_no_entry(tmp_path: Path):

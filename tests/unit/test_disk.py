@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import time
 from pathlib import Path
 
 import pytest
 
-from moxy.cache import BodyFile, DiskStorage, Entry, make_key, storage_id
+from moxy.cache import BodyFile, DiskStorage, Entry, storage_id
 from moxy.cache.disk import MiB
+from tests.entries import make_entry as entry_of
 
 pytestmark = pytest.mark.anyio
 
@@ -22,24 +22,14 @@ def anyio_backend() -> str:
 
 
 def make_entry(name: str, body: bytes) -> Entry:
-    url = f"https://img.example/{name}"
-    return Entry(
-        key=make_key(url, {"accept": "image/*"}),
-        url=url,
-        status=200,
-        headers=(("content-type", "image/png"),),
+    return entry_of(
+        f"https://img.example/{name}",
+        body,
+        accept="image/*",
         stored_at=1_700_000_000.0,
-        age=0.0,
         lifetime=600.0,
         stale_while_revalidate=60.0,
         stale_if_error=3600.0,
-        must_revalidate=False,
-        no_cache=False,
-        etag=None,
-        last_modified=None,
-        digest=hashlib.sha256(body).hexdigest(),
-        length=len(body),
-        body=body,
     )
 
 
