@@ -168,6 +168,7 @@ async def _report_tiers(tiers: _Tiers, metrics: Metrics, interval: float = TIER_
     while True:
         with contextlib.suppress(OSError):
             await _set_tier_gauges(tiers, metrics)
+            metrics.forget_dead_workers()
         await asyncio.sleep(interval)
 
 

@@ -94,7 +94,30 @@ class Metrics:
         _multiprocess.MultiProcessCollector(combined, path=directory)  # type: ignore[no-untyped-call]
         return generate_latest(combined)
 
+    def forget_dead_workers(self) -> None:
+        """Drop the live gauges of workers that died without a clean exit (SIGKILL, OOM): uvicorn replaces them,
+        and their last memory and in-flight figures must not be added in for ever."""
+        directory = multiprocess_dir()
+        if directory is None:
+            return
+        for name in os.listdir(directory):
+            if not (name.startswith("gauge_live") and name.endswith(".db")):
+                continue
+            pid_text = name[:-3].rpartition("_")[2]
+            if pid_text.isdigit() and not _alive(int(pid_text)):
+                _multiprocess.mark_process_dead(int(pid_text), directory)  # type: ignore[no-untyped-call]
+
     def close(self) -> None:
         """Drop this worker's live gauges from the shared files (its counters stay: they are history)."""
         if multiprocess_dir() is not None:
             _multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
