@@ -70,7 +70,13 @@ def sign(url: str, expires: int | None, base_url: str | None) -> None:
 @click.argument("moxy_url")
 def verify(moxy_url: str) -> None:
     """Print the upstream URL a Moxy URL stands for, or exit 1 with the reason."""
-    signer = _signer(_settings())
+    settings = _settings()
+    if settings.key is None and settings.key_file is None and settings.camo_keys():
+        # Only legacy camo keys here (a site still checking its camo links): native URLs cannot verify, as no
+        # native key exists, so an unguessable placeholder stands in for the ring.
+        signer = Signer([new_key()], settings.base_url, camo_keys=settings.camo_keys())
+    else:
+        signer = _signer(settings)
     try:
         click.echo(signer.verify(moxy_url))
     except VerificationError as exc:

@@ -256,6 +256,11 @@ def test_verify_camo_form_with_camo_key() -> None:
     result = run("verify", camo, env={"MOXY_KEY": KEY, "MOXY_CAMO_KEY": "short-camo-key"})
     assert result.stdout == url + "\n"
     one_line_error(run("verify", camo, env={"MOXY_KEY": KEY}), 1)
+    # A site checking its old camo links needs only the camo key; native URLs then cannot verify.
+    assert run("verify", camo, env={"MOXY_CAMO_KEY": "short-camo-key"}).stdout == url + "\n"
+    native = Signer([KEY], BASE).sign(url)
+    one_line_error(run("verify", native, env={"MOXY_CAMO_KEY": "short-camo-key"}), 1)
+    one_line_error(run("verify", native, env={}), 2)  # no key of any kind: a configuration error
 
 
 # -- keygen and config ---------------------------------------------------------------------------------
