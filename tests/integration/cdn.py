@@ -36,12 +36,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-import pytest
 
 from moxy.accesslog import path_digest
 from tests.integration.moxy_server import MoxyServer
+from tests.integration.servers import require_binary
 
-__all__ = ["NginxCache", "find_nginx", "moxy_requests", "require_nginx"]
+__all__ = ["NginxCache", "moxy_requests", "require_nginx"]
 
 # One JSON object per request. The edge log says what clients got and how the cache served it; the wire log says
 # what the cache asked Moxy (its conditional headers included) and what Moxy answered.
@@ -109,21 +109,9 @@ http {{
 """
 
 
-def find_nginx() -> str | None:
-    """The system nginx binary, or None."""
-    if os.access("/usr/sbin/nginx", os.X_OK):
-        return "/usr/sbin/nginx"
-    return shutil.which("nginx")
-
-
 def require_nginx() -> str:
-    """The nginx binary; a missing one fails the test under CI=true and skips it elsewhere."""
-    binary = find_nginx()
-    if binary is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("nginx is not installed (required in CI)")
-        pytest.skip("nginx is not installed")
-    return binary
+    """The nginx binary (see require_binary for what happens when it is missing)."""
+    return require_binary("nginx", "/usr/sbin/nginx")
 
 
 def _free_port() -> int:

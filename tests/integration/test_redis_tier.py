@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -16,10 +15,9 @@ from redis.asyncio import Redis
 
 from moxy.cache import BodyFile, DiskStorage, Entry, MemoryStorage, TieredStorage, make_key, storage_id
 from moxy.cache.redis import RedisStorage
+from tests.integration.servers import require_binary
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
-
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
 
 @pytest.fixture
@@ -36,15 +34,12 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if not os.path.exists(REDIS_SERVER):
-        if os.environ.get("CI") == "true":
-            pytest.fail("redis-server is not installed (required in CI)")
-        pytest.skip("redis-server is not installed")
+    redis_server = require_binary("redis-server", "/usr/bin/redis-server")
     folder = tmp_path_factory.mktemp("redis")
     port = _free_port()
     process = subprocess.Popen(
         [
-            REDIS_SERVER,
+            redis_server,
             "--port",
             str(port),
             "--bind",
