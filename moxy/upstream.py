@@ -31,6 +31,7 @@ import yarl
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from moxy.errors import MoxyError, UpstreamError, UpstreamTimeout
+from moxy.fields import OWS, valid_field_name, valid_field_value
 
 if TYPE_CHECKING:
     from moxy.policy import DestinationPolicy
@@ -237,8 +238,12 @@ class _AiohttpWire:
         except (aiohttp.ClientError, OSError) as exc:
             raise _aiohttp_reason(exc, in_body=True) from exc
         # Bytes past the declared Content-Length fail to parse as a next message after the body has ended
-        # cleanly; that failure is the only sign the upstream sent more than it announced (a length lie).
-        if self.protocol is not None and self.protocol.exception() is not None:
+        # cleanly; that parse failure is the only sign the upstream sent more than it announced (a length lie).
+        # Only a parse failure counts: a server that closes after a complete body (HTTP/1.0 style, or
+        # `Connection: close`) leaves a disconnect error here too, and that answer is whole.
+        if self.protocol is not None and isinstance(
+            self.protocol.exception(), aiohttp.http_exceptions.HttpProcessingError
+        ):
             raise UpstreamError("protocol-error")
 
     async def abort(self) -> None:
@@ -409,23 +414,34 @@ def _request_headers(given: Mapping[str, str], user_agent: str, via: str) -> lis
 
 
 def _response_headers(raw: Sequence[tuple[str, str]]) -> dict[str, str]:
-    """Lowercase names, repeats joined with ", " (RFC 9110 §5.3), hop-by-hop and wire-only fields removed."""
+    """Lowercase names, repeats joined with ", " (RFC 9110 §5.3), hop-by-hop and wire-only fields removed, and
+    every field whose name or value breaks the RFC 9110 grammar dropped: it could never be sent on, and a stored
+    one would turn every later answer for the URL into an empty reply. A field dropped here is absent for every
+    later step; a missing Content-Type, say, then fails validation like any answer without one."""
     listed: set[str] = set()
     for name, value in raw:
         if name.lower() == "connection":
             # RFC 9110 §7.6.1: the fields a Connection header names are hop-by-hop too.
-            listed.update(token.strip().lower() for token in value.split(",") if token.strip())
+            listed.update(token.strip(OWS).lower() for token in value.split(",") if token.strip(OWS))
     headers: dict[str, str] = {}
+    poisoned: set[str] = set()
     for name, value in raw:
         key = name.lower()
         if key in DROPPED_RESPONSE or key in listed or key.startswith("proxy-"):
             continue
+        value = value.strip(OWS)
+        if not valid_field_name(key) or not valid_field_value(value):
+            # One bad line spoils the field: joining the good repeats alone would change what it says.
+            poisoned.add(key)
+            continue
         headers[key] = f"{headers[key]}, {value}" if key in headers else value
+    for key in poisoned:
+        headers.pop(key, None)
     return headers
 
 
 def _declared_length(raw: Sequence[tuple[str, str]]) -> int | None:
-    values = {value.strip() for name, value in raw if name.lower() == "content-length"}
+    values = {value.strip(OWS) for name, value in raw if name.lower() == "content-length"}
     if len(values) != 1:
         return None
     value = values.pop()
@@ -442,7 +458,7 @@ def _content_coded(raw: Sequence[tuple[str, str]]) -> bool:
 def _location(raw: Sequence[tuple[str, str]]) -> str | None:
     for name, value in raw:
         if name.lower() == "location":
-            return value.strip()
+            return value.strip(OWS)
     return None
 
 
@@ -553,7 +569,11 @@ class Upstream:
 
     @staticmethod
     def _follow(current: str, location: str) -> str:
-        # RFC 9110 §10.2.2: Location may be relative; it resolves against the URL that answered.
+        # RFC 9110 §10.2.2: Location may be relative; it resolves against the URL that answered. A URI reference
+        # holds no whitespace or control characters (RFC 3986 §2); urllib would silently drop some of them, so the
+        # URL followed would not be the one the upstream sent.
+        if any(ord(char) <= 0x20 or ord(char) == 0x7F for char in location):
+            raise UpstreamError("bad-redirect")
         try:
             target = urljoin(current, location)
             parts = urlsplit(target)

@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 from moxy.errors import MoxyError
+from moxy.fields import valid_field_name, valid_field_value
 
 __all__ = [
     "BodyFile",
@@ -220,6 +221,12 @@ def decode_entry(blob: bytes) -> Entry:
     last_modified = meta.get("last_modified")
     if not isinstance(etag, str | None) or not isinstance(last_modified, str | None):
         raise CorruptEntry("validators malformed")
+    # A tier shared with older Moxy versions (or another writer) may hold fields the server could never send;
+    # such an entry is a miss, not an empty reply for every request.
+    if not all(valid_field_name(name) and valid_field_value(value) for name, value in headers) or not all(
+        valid_field_value(value) for value in (etag, last_modified) if value is not None
+    ):
+        raise CorruptEntry("a stored field is not a sendable HTTP field")
     length = _typed(meta, "length", int)
     inline = _typed(meta, "inline", bool)
     if inline and body_length != length:
