@@ -10,14 +10,22 @@ It runs on 127.0.0.1 (ephemeral port) in a background thread with its own event 
         origin.route("/rst", Reply(body=b"x" * 1000, reset_after=100))    # 100 body bytes, then RST
         origin.route("/lie", Reply(body=b"x" * 10, declared_length=20))   # Content-Length lies
         origin.route("/flip", lambda request: Reply(status=500) if ... else Reply(...))
+        origin.route("/rst-head", Reply(head_cut=20))                     # 20 bytes of the head, then RST
+        origin.route("/drip", Reply(body=b"x" * 100, chunk_size=1, chunk_delay=0.05))   # one byte per 50 ms
+        origin.route("/bomb", Reply.gzip_bomb(64 * 1024 * 1024))          # ~64 KiB on the wire, 64 MiB decoded
+        origin.route("/old", Reply.http10(body, with_length=False))       # HTTP/1.0, ends by closing
+        origin.route("/ctl", Reply(headers=[("Content-Type", b"image/png\x01")]))  # header values may be bytes
         url = origin.url("/pic.png")
         ...
         assert origin.hits("/pic.png") == 1
         assert "cookie" not in origin.requests[-1].headers
 
-Paths without a route answer 404. Counters (`connections`, `hits`, `body_bytes_sent`, `requests`) are safe to read
-from the test thread. `ConnectionCounter` is a listener that only counts and closes connections, for asserting that a
-refused destination was never contacted.
+Paths without a route answer 404. Counters (`connections`, `hits`, `body_bytes_sent`, `requests`, `tls_failures`)
+are safe to read from the test thread. `Origin(host="127.0.0.2")` listens on another loopback address (a distinct
+upstream host, for per-host limits); `Origin(tls=context)` speaks HTTPS, with the handshake inside the counted
+connection, so a client that rejects the certificate still shows in `connections` (and in `tls_failures`).
+`ConnectionCounter` is a listener that only counts and closes connections, for asserting that a refused destination
+was never contacted.
 
 As a pytest fixture::
 
@@ -32,21 +40,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import functools
 import gzip
 import hashlib
 import http
 import json
 import socket
+import ssl
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
 __all__ = [
+    "ENDLESS",
     "ConnectionCounter",
+    "HeaderValue",
     "Origin",
     "RecordedRequest",
     "Reply",
@@ -57,6 +70,12 @@ __all__ = [
 # The deterministic body of `stream_size` replies: byte i is i % 251 (a prime, so no power-of-two chunking lines up).
 _PERIOD = 251
 _PATTERN = bytes(i % _PERIOD for i in range(_PERIOD * 4096))  # ~1 MiB, sliced at any offset
+# A stream_size no client will ever read to the end (1 TiB): an "endless" body that is still a bounded loop.
+ENDLESS = 1 << 40
+
+HeaderValue = str | bytes
+"""A header value as the origin sends it: str is encoded as latin-1, bytes go on the wire untouched (for bytes that
+are not latin-1 text, such as UTF-8, or any octet at all)."""
 
 
 def _pattern_slice(offset: int, size: int) -> bytes:
@@ -108,12 +127,20 @@ class Reply:
     stream_size: send that many pattern bytes (see `pattern`) generated on the fly instead of `body`.
     raw: bytes sent verbatim as the whole answer (after delay_headers), then the connection closes: for bad
          status lines, broken chunked framing and the like.
+    version: the status line's protocol; with "HTTP/1.0" (or a `Connection: close` header) the connection is
+         closed after the body, as an HTTP/1.0 server does.
+    send_length: False sends no Content-Length (and no chunking): the body ends when the connection closes.
+    head_cut: send only that many bytes of the head (status line and header fields), then reset the connection
+         (0: reset before the status line).
+    head_drip: seconds between the bytes of the head, sent one at a time (a slow-drip of the headers).
+    reset_delay: seconds to wait before the reset of `reset_after`, so the bytes sent are delivered first (with
+         reset_after equal to the body size: a reset after a complete body).
     honor_conditional: answer 304 when the request's If-None-Match matches the reply's ETag, or its
          If-Modified-Since is not older than the reply's Last-Modified (RFC 9110 §13.1.1, §13.1.3).
     """
 
     status: int = 200
-    headers: dict[str, str] | list[tuple[str, str]] = field(default_factory=dict)
+    headers: Mapping[str, HeaderValue] | Sequence[tuple[str, HeaderValue]] = field(default_factory=dict)
     body: bytes = b""
     delay_headers: float = 0.0
     delay_body: float = 0.0
@@ -126,6 +153,11 @@ class Reply:
     chunk_size: int = 64 * 1024
     raw: bytes | None = None
     honor_conditional: bool = True
+    version: str = "HTTP/1.1"
+    send_length: bool = True
+    head_cut: int | None = None
+    head_drip: float = 0.0
+    reset_delay: float = 0.0
 
     @classmethod
     def redirect(cls, location: str, status: int = 302) -> Reply:
@@ -144,13 +176,28 @@ class Reply:
         """`body` sent with Content-Encoding: gzip (Content-Length is the compressed size)."""
         return cls(status=status, headers={"Content-Encoding": "gzip", **(headers or {})}, body=gzip.compress(body))
 
-    def header_list(self) -> list[tuple[str, str]]:
-        return list(self.headers.items()) if isinstance(self.headers, dict) else list(self.headers)
+    @classmethod
+    def gzip_bomb(cls, decompressed: int, headers: Mapping[str, HeaderValue] | None = None) -> Reply:
+        """`decompressed` zero bytes gzip-compressed (about 1000:1): small on the wire, huge once decoded."""
+        return cls(
+            headers={"Content-Type": "image/png", "Content-Encoding": "gzip", **(headers or {})},
+            body=_zeros_gzipped(decompressed),
+        )
+
+    @classmethod
+    def http10(cls, body: bytes = b"", *, with_length: bool, headers: Mapping[str, HeaderValue] | None = None) -> Reply:
+        """An HTTP/1.0-style answer: `Connection: close`, Content-Length only `with_length`, closed after the body."""
+        return cls(
+            headers={"Connection": "close", **(headers or {})}, body=body, version="HTTP/1.0", send_length=with_length
+        )
+
+    def header_list(self) -> list[tuple[str, HeaderValue]]:
+        return list(self.headers.items()) if isinstance(self.headers, Mapping) else list(self.headers)
 
     def header(self, name: str) -> str | None:
         for key, value in self.header_list():
             if key.lower() == name.lower():
-                return value
+                return value.decode("latin-1") if isinstance(value, bytes) else value
         return None
 
     def body_size(self) -> int:
@@ -165,6 +212,27 @@ class Reply:
 
 
 Route = Reply | Callable[[RecordedRequest], Reply]
+
+
+@functools.lru_cache(maxsize=8)
+def _zeros_gzipped(size: int) -> bytes:
+    # wbits 31: the gzip container. Built a MiB at a time so a large bomb never exists uncompressed here.
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)
+    zeros = bytes(1024 * 1024)
+    parts = [compressor.compress(zeros[: min(len(zeros), size - done)]) for done in range(0, size, len(zeros))]
+    parts.append(compressor.flush())
+    return b"".join(parts)
+
+
+def _encode(value: HeaderValue) -> bytes:
+    return value if isinstance(value, bytes) else value.encode("latin-1")
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    # SO_LINGER on, timeout 0: close() sends RST instead of FIN and discards unsent data.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
 
 
 def _not_modified(reply: Reply, request: RecordedRequest) -> bool:
@@ -191,9 +259,10 @@ def _not_modified(reply: Reply, request: RecordedRequest) -> bool:
 class Origin:
     """The hostile origin (see the module docstring). Start/stop with `with` or start()/stop()."""
 
-    host = "127.0.0.1"
-
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1", *, tls: ssl.SSLContext | None = None) -> None:
+        self.host = host
+        self.tls = tls
+        self._tls_failures = 0
         self._routes: dict[str, Route] = {}
         self._lock = threading.Lock()
         self._connections = 0
@@ -259,8 +328,10 @@ class Origin:
 
     # -- test API ----------------------------------------------------------------------------------------------
 
-    def url(self, path: str = "/") -> str:
-        return f"http://{self.host}:{self.port}{path}"
+    def url(self, path: str = "/", host: str | None = None) -> str:
+        """The URL of `path` here; `host` names this origin another way (e.g. "localhost" for a TLS name check)."""
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://{host or self.host}:{self.port}{path}"
 
     def route(self, path: str, reply: Route) -> None:
         """Set or replace what `path` answers (exact match on the target, or on its path without the query)."""
@@ -271,6 +342,12 @@ class Origin:
     def connections(self) -> int:
         with self._lock:
             return self._connections
+
+    @property
+    def tls_failures(self) -> int:
+        """TLS handshakes that did not complete (the client refused the certificate, or hung up)."""
+        with self._lock:
+            return self._tls_failures
 
     @property
     def requests(self) -> list[RecordedRequest]:
@@ -290,6 +367,7 @@ class Origin:
     def reset_counts(self) -> None:
         with self._lock:
             self._connections = 0
+            self._tls_failures = 0
             self._requests.clear()
             self._sent.clear()
 
@@ -303,6 +381,8 @@ class Origin:
             self._connections += 1
             number = self._connections
         try:
+            if self.tls is not None and not await self._handshake(writer):
+                return
             while await self._serve_one(reader, writer, number):
                 pass
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
@@ -311,6 +391,17 @@ class Origin:
             self._tasks.discard(task)
             with contextlib.suppress(Exception):
                 writer.close()
+
+    async def _handshake(self, writer: asyncio.StreamWriter) -> bool:
+        assert self.tls is not None
+        try:
+            async with asyncio.timeout(10):
+                await writer.start_tls(self.tls)
+        except (ssl.SSLError, OSError, TimeoutError):
+            with self._lock:
+                self._tls_failures += 1
+            return False
+        return True
 
     async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, number: int) -> bool:
         """Serve one request; True when the connection may carry another."""
@@ -356,17 +447,35 @@ class Origin:
             headers = [(n, v) for n, v in headers if n.lower() not in ("content-length", "transfer-encoding")]
         elif reply.chunked:
             headers.append(("Transfer-Encoding", "chunked"))
-        elif "content-length" not in names and status != 204:
+        elif "content-length" not in names and status != 204 and reply.send_length:
             declared = reply.declared_length if reply.declared_length is not None else reply.body_size()
             headers.append(("Content-Length", str(declared)))
         if "date" not in names:
             headers.append(("Date", email.utils.formatdate(time.time(), usegmt=True)))
         phrase = http.HTTPStatus(status).phrase if status in http.HTTPStatus._value2member_map_ else "Whatever"
-        head = f"HTTP/1.1 {status} {phrase}\r\n" + "".join(f"{n}: {v}\r\n" for n, v in headers) + "\r\n"
-        writer.write(head.encode("latin-1"))
-        await writer.drain()
+        head = f"{reply.version} {status} {phrase}\r\n".encode("latin-1")
+        head += b"".join(_encode(n) + b": " + _encode(v) + b"\r\n" for n, v in headers) + b"\r\n"
+        if reply.head_cut is not None:
+            writer.write(head[: reply.head_cut])
+            await writer.drain()
+            await asyncio.sleep(0.05)  # let the partial head leave before the reset discards the send buffer
+            _reset(writer)
+            return False
+        if reply.head_drip:
+            for position in range(len(head)):
+                if position:
+                    await asyncio.sleep(reply.head_drip)
+                writer.write(head[position : position + 1])
+                await writer.drain()
+        else:
+            writer.write(head)
+            await writer.drain()
+        # HTTP/1.0 and `Connection: close` answers end the connection after the body (RFC 9112 §9.6).
+        closing = reply.version == "HTTP/1.0" or (reply.header("Connection") or "").lower() == "close"
         if no_body:
-            return True
+            if closing:
+                writer.close()
+            return not closing
         if reply.delay_body:
             await asyncio.sleep(reply.delay_body)
         stop_at = min(x for x in (reply.close_after, reply.reset_after, reply.body_size()) if x is not None)
@@ -384,10 +493,9 @@ class Origin:
             with self._lock:
                 self._sent[path] = self._sent.get(path, 0) + len(chunk)
         if reply.reset_after is not None:
-            sock = writer.get_extra_info("socket")
-            # SO_LINGER on, timeout 0: close() sends RST instead of FIN and discards unsent data.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            writer.transport.abort()
+            if reply.reset_delay:
+                await asyncio.sleep(reply.reset_delay)
+            _reset(writer)
             return False
         if reply.close_after is not None:
             writer.close()
@@ -395,6 +503,10 @@ class Origin:
         if reply.chunked:
             writer.write(b"0\r\n\r\n")
             await writer.drain()
+        if closing or not (reply.send_length or reply.chunked):
+            # Without a length the close is what ends the body; HTTP/1.0 and `Connection: close` end here too.
+            writer.close()
+            return False
         # After a lie about the length the connection is unusable for another message: close it.
         return reply.declared_length is None
 
