@@ -15,6 +15,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl
 
 from cachetools import LRUCache
 
@@ -32,7 +33,15 @@ _DIVERTING = frozenset(
     {b"range", b"if-none-match", b"if-modified-since", b"if-range", b"if-match", b"if-unmodified-since"}
 )
 
-ShortcutKey = tuple[str, bytes, tuple[bytes, ...]]
+# The query parameters verification reads (the native expiry, the camo query form's URL); every other parameter is
+# ignored by the full flow, so it must not make a new shortcut key either (a junk query per request would fill it).
+_SIGNED_PARAMETERS = frozenset({"e", "url"})
+# A request whose identity is longer than this is answered the full way: the memo is for ordinary repeat hits.
+MAX_KEY_BYTES = 16 * 1024
+# Bookkeeping of one prepared answer besides its key and header bytes (objects, list and dict slots), roughly.
+_ENTRY_OVERHEAD = 512
+
+ShortcutKey = tuple[str, tuple[tuple[str, str], ...], tuple[bytes, ...]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +56,7 @@ class PreparedHit:
     cache_status_prefix: bytes
     fresh_until: float
     url_expires_at: float | None
+    size: int  # bytes it holds (key and headers), which the memo's byte bound counts
 
     def headers_at(self, entry: Entry, now: float) -> list[tuple[bytes, bytes]]:
         age = current_age(entry, now)
@@ -66,17 +76,22 @@ class HitShortcut:
         purges: PurgeLog | None,
         forward_headers: Sequence[str],
         clock: Callable[[], float],
-        max_items: int = 20_000,
+        max_bytes: int = 16 * 1024 * 1024,
     ) -> None:
         self.memory = memory
         self.purges = purges
         self.forwarded = tuple(name.lower().encode("latin-1") for name in forward_headers)
         self.clock = clock
-        # Bodies stay with the memory tier (held weakly here): this costs the keys and header lists, ~1 KiB each.
-        self._prepared: LRUCache[ShortcutKey, PreparedHit] = LRUCache(maxsize=max_items)
+        # Bodies stay with the memory tier (held weakly here): what is bounded here is the keys and header lists,
+        # counted in bytes, since a client chooses their length (forwarded header values, the URL).
+        self._prepared: LRUCache[ShortcutKey, PreparedHit] = LRUCache(
+            maxsize=max_bytes, getsizeof=lambda prepared: prepared.size
+        )
 
     def key_of(self, path: str, query: bytes, headers: Sequence[tuple[bytes, bytes]]) -> ShortcutKey | None:
-        """The identity of a request, or None when one of its headers asks for more than a plain 200."""
+        """The identity of a request, or None when one of its headers asks for more than a plain 200 (or it is
+        too long to be worth keeping). Only what the full flow reads is part of it."""
+        size = len(path) + len(query)
         values: list[bytes | None] = [None] * len(self.forwarded)
         for name, value in headers:
             if name in _DIVERTING:
@@ -88,7 +103,14 @@ class HitShortcut:
                     if values[position] is not None:
                         return None
                     values[position] = value
-        return path, query, tuple(value or b"" for value in values)
+                    size += len(value)
+        if size > MAX_KEY_BYTES:
+            return None
+        signed = ()
+        if query:
+            pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
+            signed = tuple(pair for pair in pairs if pair[0] in _SIGNED_PARAMETERS)
+        return path, signed, tuple(value or b"" for value in values)
 
     def find(self, key: ShortcutKey) -> tuple[PreparedHit, Entry, float] | None:
         """The prepared answer, its entry and the current time, when it may still be sent exactly as prepared."""
@@ -125,12 +147,16 @@ class HitShortcut:
         prefix, marker, _ = cache_status.partition(b"ttl=")
         if not marker or b"detail=" in cache_status:
             return  # only a plain hit is prepared
+        path, signed, values = key
+        size = _ENTRY_OVERHEAD + len(path) + sum(len(name) + len(value) for name, value in signed)
+        size += sum(len(value) for value in values) + sum(len(name) + len(value) for name, value in static)
         self._prepared[key] = PreparedHit(
             entry=weakref.ref(entry),
             headers=static,
             cache_status_prefix=prefix + marker,
             fresh_until=entry.stored_at + entry.lifetime - entry.age,
             url_expires_at=url_expires_at,
+            size=size,
         )
 
     def eligible(self, entry: Entry) -> bool:
@@ -139,3 +165,7 @@ class HitShortcut:
 
     def forget_all(self) -> None:
         self._prepared.clear()
+
+    @property
+    def held_bytes(self) -> int:
+        return int(self._prepared.currsize)

@@ -161,3 +161,31 @@ async def test_a_dropped_entry_is_not_kept_alive_by_the_shortcut(tmp_path: Path)
     gc.collect()
     assert alive() is None, "an evicted body must be freed, not held by a prepared answer"
     assert shortcut.find(key) is None
+
+
+async def test_junk_query_parameters_share_one_key(tmp_path: Path) -> None:
+    # Verification ignores parameters it does not read, so they must not make a new memo entry per request.
+    shortcut, _, _, _ = await setup(tmp_path)
+    plain = shortcut.key_of("/d/e", b"e=1700000000", REQUEST_HEADERS)
+    for junk in (b"e=1700000000&junk=1", b"x=%00&e=1700000000", b"e=1700000000&" + b"y" * 5000):
+        assert shortcut.key_of("/d/e", junk, REQUEST_HEADERS) == plain
+    assert shortcut.key_of("/d/e", b"e=1700000001", REQUEST_HEADERS) != plain
+    assert shortcut.key_of("/d/e", b"e=1700000000&e=1700000000", REQUEST_HEADERS) != plain
+    assert shortcut.key_of("/d", b"url=a", REQUEST_HEADERS) != shortcut.key_of("/d", b"url=b", REQUEST_HEADERS)
+    # Too long to be an ordinary repeat hit: the full flow answers it, and nothing is kept.
+    assert shortcut.key_of("/d/e", b"junk=" + b"y" * 50_000, REQUEST_HEADERS) is None
+
+
+async def test_the_memo_is_bounded_in_bytes_whatever_clients_send(tmp_path: Path) -> None:
+    memory = MemoryStorage(1 << 24, 1 << 20)
+    shortcut = HitShortcut(memory, None, ["Accept"], Clock(1000.0), max_bytes=256 * 1024)
+    stored = entry()
+    await memory.put(stored)
+    for number in range(2_000):
+        # Distinct forwarded values of 8 KiB each: 16 MB of keys if nothing bounded them.
+        accept = b"image/%d," % number + b"a" * 8000
+        key = shortcut.key_of("/d/e", b"", [(b"accept", accept)])
+        assert key is not None
+        shortcut.remember(key, stored, SENT, None)
+        assert shortcut.held_bytes <= 256 * 1024
+    assert shortcut.held_bytes > 128 * 1024  # still in use, the oldest evicted
