@@ -106,7 +106,7 @@ class HitShortcut:
                     size += len(value)
         if size > MAX_KEY_BYTES:
             return None
-        signed = ()
+        signed: tuple[tuple[str, str], ...] = ()
         if query:
             pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
             signed = tuple(pair for pair in pairs if pair[0] in _SIGNED_PARAMETERS)
