@@ -247,6 +247,7 @@ def create_app(settings: Settings | None = None) -> MoxyApp:
             user_agent=f"Moxy/{__version__}",
             via=f"1.1 moxy/{__version__}",
             spool_dir=spool,
+            ca_file=settings.upstream_ca_file,
         )
         state["proxy"] = Proxy(
             signer=signer,

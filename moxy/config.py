@@ -7,6 +7,7 @@ first-start key are made by the composition roots (`app.create_app`, `cli serve`
 from __future__ import annotations
 
 import ipaddress
+import ssl
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -71,6 +72,7 @@ class Settings(BaseSettings):
     allowed_networks: CommaList = ()
     allow_hosts: CommaList = ()
     deny_hosts: CommaList = ()
+    upstream_ca_file: Path | None = None  # PEM of extra CAs, added to the system's trust (never replacing it)
 
     # -- cache (DESIGN section 4)
     cache_dir: Path = Path("var/cache")
@@ -147,6 +149,24 @@ class Settings(BaseSettings):
         if self.ttl_min > self.ttl_max:
             raise ValueError("MOXY_TTL_MIN is larger than MOXY_TTL_MAX")
         return self
+
+    # -- pre-flight ---------------------------------------------------------------
+
+    def check(self) -> None:
+        """The checks that touch the world, run before serving; each failure is a ConfigError naming its setting."""
+        self._check_upstream_ca_file()
+
+    def _check_upstream_ca_file(self) -> None:
+        if self.upstream_ca_file is None:
+            return
+        path, setting = self.upstream_ca_file, "MOXY_UPSTREAM_CA_FILE"
+        try:
+            # The same call the upstream fetcher makes, on a throwaway context: what passes here loads there.
+            ssl.create_default_context().load_verify_locations(cafile=path)
+        except ssl.SSLError as exc:  # before OSError, its base class
+            raise ConfigError(setting, f"{path} holds no PEM certificate that parses ({exc.reason})") from exc
+        except OSError as exc:
+            raise ConfigError(setting, f"cannot read {path}: {exc.strerror or exc}") from exc
 
     # -- derived values ---------------------------------------------------------
 

@@ -17,6 +17,7 @@ import importlib.util
 import ipaddress
 import os
 import socket
+import ssl
 import tempfile
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
@@ -253,9 +254,19 @@ class _AiohttpWire:
 class _AiohttpEngine:
     """aiohttp underneath, one pooled session, DNS replaced by the pinned resolver."""
 
-    def __init__(self, *, connect_timeout: float, read_timeout: float, limit: int, limit_per_host: int) -> None:
+    def __init__(
+        self,
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+        limit: int,
+        limit_per_host: int,
+        ssl_context: ssl.SSLContext,
+    ) -> None:
         connector = aiohttp.TCPConnector(
             resolver=_PinnedResolver(),
+            # The name checked against the certificate (and sent as SNI) is the URL's host, never the pinned address.
+            ssl=ssl_context,
             use_dns_cache=False,  # a cache would answer from an earlier hop's check
             limit=limit,
             limit_per_host=limit_per_host,
@@ -498,8 +509,17 @@ class Upstream:
         transport: httpx.AsyncBaseTransport | None = None,
         pool_limit: int = 512,
         pool_limit_per_host: int = 128,
+        ca_file: Path | None = None,
     ) -> None:
         self.policy = policy
+        # The system's trust store, plus the operator's extra CAs (MOXY_UPSTREAM_CA_FILE): added, never replacing
+        # it, so public upstreams keep working next to an internal CA. Built once (loading the system store takes
+        # tens of ms), and only for the real engine: an injected transport does its own TLS, if any.
+        self.ssl_context: ssl.SSLContext | None = None
+        if transport is None:
+            self.ssl_context = ssl.create_default_context()
+            if ca_file is not None:
+                self.ssl_context.load_verify_locations(cafile=ca_file)
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.total_timeout = total_timeout
@@ -522,11 +542,13 @@ class Upstream:
                     self._transport, connect_timeout=self.connect_timeout, read_timeout=self.read_timeout
                 )
             else:
+                assert self.ssl_context is not None  # built in __init__ whenever no transport is injected
                 self._engine = _AiohttpEngine(
                     connect_timeout=self.connect_timeout,
                     read_timeout=self.read_timeout,
                     limit=self._pool_limit,
                     limit_per_host=self._pool_limit_per_host,
+                    ssl_context=self.ssl_context,
                 )
         return self._engine
 
