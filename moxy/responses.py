@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
+import re
 from collections.abc import AsyncIterator
-from email.utils import formatdate, parsedate_to_datetime
-from typing import Any
+from email.utils import formatdate
+from typing import Any, Literal, TypeAlias
 
 import orjson
 from starlette.requests import Request
@@ -15,6 +17,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from moxy.cache import Entry
+from moxy.cache.freshness import parse_http_date
 from moxy.errors import (
     BadSignature,
     DestinationRefused,
@@ -26,7 +29,15 @@ from moxy.errors import (
 )
 from moxy.proxy import OpenBody, Served
 
-__all__ = ["SECURITY_HEADERS", "error_response", "error_status", "render", "surrogate_key"]
+__all__ = [
+    "SECURITY_HEADERS",
+    "RangeChoice",
+    "error_response",
+    "error_status",
+    "parse_range",
+    "render",
+    "surrogate_key",
+]
 
 SECURITY_HEADERS = {
     "x-content-type-options": "nosniff",
@@ -39,6 +50,10 @@ NOT_SENT = frozenset({"cache-control", "expires", "date", "age", "etag", "conten
 STREAM_CHUNK = 1024 * 1024
 WHOLE_READ_BYTES = 4 * 1024 * 1024
 UPSTREAM_ERROR_MAX_AGE = 10
+# RFC 9110 §5.6.3: the only whitespace a field value may carry around it (str.strip() would also eat control bytes).
+_OWS = " \t"
+
+RangeChoice: TypeAlias = tuple[int, int] | Literal["unsatisfiable"] | None
 
 
 def error_status(error: MoxyError) -> int:
@@ -65,7 +80,7 @@ def error_response(error: MoxyError, *, cache: str, head: bool = False) -> Respo
     # Errors the request caused must never be cached for everyone; upstream errors only briefly.
     headers["cache-control"] = "no-store" if status in (400, 403, 410) else f"public, max-age={UPSTREAM_ERROR_MAX_AGE}"
     headers["x-moxy-cache"] = cache
-    headers["cache-status"] = f'moxy; fwd=uri-miss; detail="{reason}"' if status >= 500 else "moxy"
+    headers["cache-status"] = f"moxy; fwd=uri-miss; detail={_sf_string(reason)}" if status >= 500 else "moxy"
     return Response(b"" if head else body, status_code=status, headers=headers, media_type="application/json")
 
 
@@ -74,9 +89,30 @@ def surrogate_key(url: str) -> str:
     return hashlib.sha256(url.encode("utf-8", "surrogatepass")).hexdigest()[:24]
 
 
+def _sf_string(text: str) -> str:
+    """`text` as an RFC 8941 §3.3.3 sf-string (the form of a Cache-Status detail, RFC 9211 §2.8): printable ASCII
+    only, quote and backslash escaped, so no reason text can end the parameter or the field."""
+    printable = "".join(char for char in text if " " <= char <= "~")
+    return '"' + printable.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _modified(entry: Entry) -> tuple[float, bool]:
+    """(when the representation last changed, whether that date is a strong validator).
+
+    The upstream's Last-Modified when it is a valid HTTP-date no later than when Moxy took the copy (RFC 9110
+    §8.8.2.1: a date in the future is replaced by the origination date), else the second Moxy stored it. Only an
+    upstream date at least one second older than the upstream's Date (or the store time) is strong (§8.8.2.2);
+    Moxy's own date never is, since a refresh within the same second could bring other bytes."""
+    upstream = parse_http_date(entry.header("last-modified"))
+    if upstream is None or upstream > entry.stored_at:
+        return float(math.floor(entry.stored_at)), False
+    dated = parse_http_date(entry.header("date"))
+    return upstream, (dated if dated is not None else entry.stored_at) - upstream >= 1
+
+
 def _last_modified(entry: Entry) -> str:
-    """The upstream's Last-Modified, else when Moxy stored the copy: the date clients revalidate against."""
-    return entry.header("last-modified") or formatdate(entry.stored_at, usegmt=True)
+    """The Last-Modified clients revalidate against, always in IMF-fixdate form (RFC 9110 §5.6.7)."""
+    return formatdate(_modified(entry)[0], usegmt=True)
 
 
 def _etag(digest: str) -> str:
@@ -104,55 +140,88 @@ def _entry_headers(served: Served, vary: str) -> dict[str, str]:
     result = served.cache.value
     headers["x-moxy-cache"] = result
     status = {"HIT": "hit", "STALE": "hit", "REVALIDATED": "fwd=stale", "MISS": "fwd=uri-miss", "BYPASS": "fwd=bypass"}
-    detail = f'; detail="{served.reason}"' if served.reason else ""
+    detail = f"; detail={_sf_string(served.reason)}" if served.reason else ""
     headers["cache-status"] = f"moxy; {status[result]}; ttl={int(entry.lifetime - served.age)}{detail}"
     return headers
 
 
 def _not_modified(request: Request, served: Served) -> bool:
-    etag = _etag(served.entry.digest)
+    """RFC 9110 §13.2.2: If-None-Match, when present, decides alone; otherwise If-Modified-Since.
+
+    A value that does not parse means "no condition": the request is answered in full, never refused."""
     if_none_match = request.headers.get("if-none-match")
     if if_none_match is not None:
-        candidates = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
+        # §13.1.2: weak comparison, so W/"x" matches Moxy's strong "x"; "*" matches any current representation.
+        etag = _etag(served.entry.digest)
+        candidates = {tag.strip(_OWS).removeprefix("W/") for tag in if_none_match.split(",")}
         return "*" in candidates or etag in candidates
-    since = request.headers.get("if-modified-since")
-    modified = _last_modified(served.entry)
-    if since and modified:
-        try:
-            return parsedate_to_datetime(modified) <= parsedate_to_datetime(since)
-        except (TypeError, ValueError):
-            return False
-    return False
+    # §13.1.3: an If-Modified-Since that is not a valid HTTP-date is ignored.
+    since = parse_http_date(request.headers.get("if-modified-since"))
+    return since is not None and _modified(served.entry)[0] <= since
 
 
-def _byte_range(request: Request, served: Served, length: int) -> tuple[int, int] | None | str:
-    """(start, end inclusive) for a satisfiable single range, "unsatisfiable", or None to send the whole body."""
-    header = request.headers.get("range")
+def _if_range_holds(value: str, entry: Entry) -> bool:
+    """RFC 9110 §13.1.5: an entity-tag matches by strong comparison only (a weak tag never does); an HTTP-date
+    matches only when it equals a strong Last-Modified exactly. Anything else sends the whole representation."""
+    validator = value.strip(_OWS)
+    if validator.startswith(('"', "W/")):
+        return validator == _etag(entry.digest)
+    date = parse_http_date(validator)
+    modified, strong = _modified(entry)
+    return strong and date == modified
+
+
+_RANGE_SPEC = re.compile(r"([0-9]*)-([0-9]*)")
+# A byte position with more significant digits than this lies past any body Moxy can hold; capping it keeps int()
+# away from digit strings past Python's conversion limit (4300 digits), where it raises instead of answering.
+_POSITION_DIGITS = 18
+_BEYOND = 10**_POSITION_DIGITS
+
+
+def _position(digits: str) -> int:
+    significant = digits.lstrip("0")
+    return int(significant or "0") if len(significant) <= _POSITION_DIGITS else _BEYOND
+
+
+def parse_range(value: str | None, length: int) -> RangeChoice:
+    """A Range field (RFC 9110 §14.2) against a representation of `length` bytes.
+
+    (first, last) inclusive for one satisfiable byte range; "unsatisfiable" for a valid range that lies past the
+    end (416, §15.5.17); None to send the whole representation: no Range, another unit, a malformed value, or
+    several ranges (a full 200 is always a correct answer to a Range, §14.2). Never raises."""
+    if value is None:
+        return None
+    unit, equals, ranges = value.strip(_OWS).partition("=")
+    if not equals or unit.lower() != "bytes":  # §14.1: range units are compared case-insensitively
+        return None
+    match = _RANGE_SPEC.fullmatch(ranges.strip(_OWS))
+    if match is None:
+        return None
+    first, last = match.groups()
+    if not first:
+        if not last:
+            return None
+        suffix = _position(last)
+        # §14.1.1: a suffix-range of length zero, or any range of an empty representation, is unsatisfiable.
+        if suffix == 0 or length == 0:
+            return "unsatisfiable"
+        return max(0, length - suffix), length - 1
+    start = _position(first)
+    end = _position(last) if last else None
+    if end is not None and end < start:
+        return None  # §14.1.1: an invalid range-spec makes the whole field invalid, and so ignored
+    if start >= length:
+        return "unsatisfiable"
+    return start, length - 1 if end is None else min(end, length - 1)
+
+
+def _byte_range(request: Request, served: Served, length: int) -> RangeChoice:
     if request.method != "GET":
         return None  # RFC 9110 §14.2: Range is ignored for every other method, HEAD included
-    if not header or not header.startswith("bytes=") or "," in header:
-        return None  # absent, malformed or multi-range: the full 200 is a correct answer
     if_range = request.headers.get("if-range")
-    if if_range is not None and if_range.strip() != _etag(served.entry.digest):
+    if if_range is not None and not _if_range_holds(if_range, served.entry):
         return None
-    first, _, last = header[6:].strip().partition("-")
-    try:
-        if first == "":
-            suffix = int(last)
-            if suffix <= 0:
-                return "unsatisfiable"
-            start, end = max(0, length - suffix), length - 1
-        else:
-            start = int(first)
-            end = int(last) if last else length - 1
-            if start > end and last:
-                return None
-            end = min(end, length - 1)
-    except ValueError:
-        return None
-    if start >= length or length == 0:
-        return "unsatisfiable"
-    return start, end
+    return parse_range(request.headers.get("range"), length)
 
 
 async def _file_chunks(body: OpenBody, start: int, end: int) -> AsyncIterator[bytes]:

@@ -101,27 +101,43 @@ def parse_cache_control(value: str | None) -> dict[str, str | None]:
 
 
 def _delta_seconds(argument: str | None) -> int | None:
-    """RFC 9111 §1.2.2 delta-seconds, or None when invalid (digits only: no sign, no fraction)."""
+    """RFC 9111 §1.2.2 delta-seconds, or None when invalid (ASCII digits only: no sign, no fraction, no space)."""
     if argument is None or not argument.isascii() or not argument.isdigit():
         return None
-    return min(int(argument), DELTA_MAX)
+    # §1.2.2: a value too large to represent is taken as 2^31. Checking the length first also keeps int() away from
+    # digit strings past Python's conversion limit (4300 digits), where it raises instead of answering.
+    significant = argument.lstrip("0")
+    if len(significant) > len(str(DELTA_MAX)):
+        return DELTA_MAX
+    return min(int(significant or "0"), DELTA_MAX)
 
 
 _MONTHS = {name: number for number, name in enumerate(calendar.month_abbr) if name}
-_IMF_FIXDATE = re.compile(r"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun), (\d{2}) (\w{3}) (\d{4}) (\d{2}):(\d{2}):(\d{2}) GMT")
-_RFC850 = re.compile(
-    r"(?:Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday), (\d{2})-(\w{3})-(\d{2}) (\d{2}):(\d{2}):(\d{2}) GMT"
+# RFC 9110 §5.6.7 grammar, case-sensitive, ASCII digits only (re.ASCII: \d would also take other scripts' digits).
+_IMF_FIXDATE = re.compile(
+    r"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun), (\d{2}) ([A-Z][a-z]{2}) (\d{4}) (\d{2}):(\d{2}):(\d{2}) GMT", re.ASCII
 )
-_ASCTIME = re.compile(r"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun) (\w{3}) ([ \d]\d) (\d{2}):(\d{2}):(\d{2}) (\d{4})")
+_RFC850 = re.compile(
+    r"(?:Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday), (\d{2})-([A-Z][a-z]{2})-(\d{2}) "
+    r"(\d{2}):(\d{2}):(\d{2}) GMT",
+    re.ASCII,
+)
+_ASCTIME = re.compile(
+    r"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun) ([A-Z][a-z]{2}) ([ \d]\d) (\d{2}):(\d{2}):(\d{2}) (\d{4})", re.ASCII
+)
+# RFC 9110 §5.6.3: the whitespace a field value may carry around it.
+_OWS = " \t"
 
 
 def parse_http_date(value: str | None) -> float | None:
     """An HTTP-date (RFC 9110 §5.6.7: IMF-fixdate, and the obsolete RFC 850 and asctime forms) as unix time.
 
-    None when absent or invalid. Two-digit RFC 850 years are read as 1970-2069."""
+    The one date parser of Moxy, for request and upstream fields alike. It never raises: None when the value is
+    absent, does not follow the grammar, or names no real moment (31 February, hour 24, year 0000). The grammar
+    caps the year at four digits, so no year can overflow. Two-digit RFC 850 years are read as 1970-2069."""
     if value is None:
         return None
-    text = value.strip()
+    text = value.strip(_OWS)
     if match := _IMF_FIXDATE.fullmatch(text):
         day, month, year, hour, minute, second = match.groups()
     elif match := _RFC850.fullmatch(text):
@@ -134,13 +150,14 @@ def parse_http_date(value: str | None) -> float | None:
     month_number = _MONTHS.get(month)
     if month_number is None:
         return None
-    fields = (int(year), month_number, int(day), int(hour), int(minute), int(second))
-    if not (1 <= fields[2] <= 31 and fields[3] <= 23 and fields[4] <= 59 and fields[5] <= 60):
+    numbers = (int(year), month_number, int(day.strip()), int(hour), int(minute), int(second))
+    year_number, _, day_number, hour_number, minute_number, second_number = numbers
+    if year_number < 1 or not 1 <= day_number <= calendar.monthrange(year_number, month_number)[1]:
         return None
-    try:
-        return float(calendar.timegm((*fields, 0, 0, 0)))
-    except (ValueError, OverflowError):
+    # Second 60 is a leap second (RFC 5322 §3.3); timegm carries it into the next minute.
+    if hour_number > 23 or minute_number > 59 or second_number > 60:
         return None
+    return float(calendar.timegm((*numbers, 0, 0, 0)))
 
 
 def is_storable(status: int, headers: Mapping[str, str]) -> bool:

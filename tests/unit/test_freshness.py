@@ -95,6 +95,11 @@ def entry_of(freshness: Freshness, stored_at: float = T) -> Entry:
         pytest.param({"cache-control": "max-age=100, max-age=100"}, 100, id="identical duplicates are fine"),
         pytest.param({"cache-control": "max-age=100, max-age=1000"}, 0, id="conflicting duplicates are stale"),
         pytest.param({"cache-control": "max-age=99999999999999"}, DELTA_MAX, id="huge max-age is 2^31"),
+        pytest.param({"cache-control": "max-age=" + "9" * 5000}, DELTA_MAX, id="past int() digit limit is 2^31"),
+        pytest.param({"cache-control": "max-age=" + "0" * 5000 + "100"}, 100, id="leading zeros do not count"),
+        pytest.param({"cache-control": "max-age=\u0661\u0660"}, 0, id="non-ASCII digits are invalid"),
+        pytest.param({"expires": "Mon, 01 Jan 99999999999 00:00:00 GMT"}, 0, id="overflowing Expires is stale"),
+        pytest.param({"date": "Mon, 01 Jan 99999999999 00:00:00 GMT", "expires": date(100)}, 100, id="bad Date"),
         pytest.param({"cache-control": 'foo="a, max-age=5", max-age=100'}, 100, id="comma inside quotes"),
     ],
 )
@@ -116,6 +121,7 @@ def test_lifetime(headers, lifetime):
         pytest.param({"date": date(100)}, T, 0, id="Date in the future: apparent age 0"),
         pytest.param({"age": "abc"}, T, 0, id="invalid Age ignored"),
         pytest.param({"age": "20, 30"}, T, 20, id="first of repeated Age"),
+        pytest.param({"age": "9" * 5000}, T, DELTA_MAX, id="Age past int() digit limit is 2^31"),
         pytest.param({}, T - 2, 2, id="no Date: response delay only"),
     ],
 )
@@ -319,6 +325,20 @@ def test_parse_cache_control(value, parsed):
         ("Sun, 06 Nov 1994 08:49:37 UTC", None),
         ("Sun, 06 Foo 1994 08:49:37 GMT", None),
         ("Sun, 32 Nov 1994 08:49:37 GMT", None),
+        (" Sun, 06 Nov 1994 08:49:37 GMT\t", 784111777.0),  # OWS around the value (RFC 9110 §5.6.3)
+        ("Sun, 06 Nov 1994 08:49:37 GMT\x0b", None),  # a control byte is no whitespace
+        ("Sun, 06 Nov 1994 08:49:37 gmt", None),  # RFC 9110 §5.6.7: HTTP-date is case-sensitive
+        ("Sat, 29 Feb 2020 00:00:00 GMT", 1582934400.0),
+        ("Sun, 29 Feb 2021 00:00:00 GMT", None),  # no such day: not normalised into 1 March
+        ("Mon, 31 Jun 2025 00:00:00 GMT", None),
+        ("Sun, 06 Nov 1994 24:00:00 GMT", None),
+        ("Mon, 01 Jan 0000 00:00:00 GMT", None),
+        ("Fri, 31 Dec 9999 23:59:59 GMT", 253402300799.0),
+        ("Mon, 01 Jan 99999999999 00:00:00 GMT", None),  # the year that overflowed email.utils
+        ("Mon, 01 Jan 10000 00:00:00 GMT", None),
+        ("Mon, 01 Jan -2025 00:00:00 GMT", None),
+        ("Sun, \u0660\u0666 Nov 1994 08:49:37 GMT", None),  # ARABIC-INDIC digits: int() reads them, HTTP does not
+        ("Sun, 06 Nov 1994 08:49:37 GMT, Sun, 06 Nov 1994 08:49:37 GMT", None),
         ("0", None),
         ("", None),
         (None, None),
