@@ -248,6 +248,10 @@ def create_app(settings: Settings | None = None) -> MoxyApp:
             via=f"1.1 moxy/{__version__}",
             spool_dir=spool,
             ca_file=settings.upstream_ca_file,
+            host_concurrency=settings.upstream_host_concurrency,
+            host_queue_timeout=settings.upstream_queue_timeout,
+            breaker_failures=settings.upstream_breaker_failures,
+            breaker_cooldown=settings.upstream_breaker_cooldown,
         )
         state["proxy"] = Proxy(
             signer=signer,

@@ -73,6 +73,12 @@ class Settings(BaseSettings):
     allow_hosts: CommaList = ()
     deny_hosts: CommaList = ()
     upstream_ca_file: Path | None = None  # PEM of extra CAs, added to the system's trust (never replacing it)
+    # Per upstream host, per worker: fetches at once, and how long a fetch waits for a slot (then 504 host-busy).
+    upstream_host_concurrency: int = Field(default=64, ge=1, le=10_000)
+    upstream_queue_timeout: float = Field(default=5.0, gt=0)
+    # Consecutive transport failures that open a host's circuit breaker, and how long it stays open.
+    upstream_breaker_failures: int = Field(default=5, ge=1)
+    upstream_breaker_cooldown: float = Field(default=10.0, gt=0)
 
     # -- cache (DESIGN section 4)
     cache_dir: Path = Path("var/cache")

@@ -33,6 +33,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 
 from moxy.errors import MoxyError, UpstreamError, UpstreamTimeout
 from moxy.fields import OWS, valid_field_name, valid_field_value
+from moxy.hosts import HostBusy, HostGate, HostUnavailable
 
 if TYPE_CHECKING:
     from moxy.policy import DestinationPolicy
@@ -68,7 +69,14 @@ REASONS: frozenset[str] = frozenset(
         "too-many-redirects",
         "bad-redirect",  # Location is not an absolute or relative http(s) URL
         "transport-error",  # anything else the HTTP engine raised
+        "host-busy",  # every slot of this upstream host stayed taken for the whole queue wait
+        "host-unavailable",  # the host failed too often in a row; its circuit breaker is open for a cool-down
     }
+)
+# Failures that say the host itself is in trouble (no answer at all), which feed its circuit breaker. An error
+# status, a refused body or a redirect problem is an answer: the host is alive and fast enough.
+HOST_FAILURES: frozenset[str] = frozenset(
+    {"connect-failed", "connect-timeout", "tls-error", "read-timeout", "total-timeout", "disconnected", "truncated"}
 )
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -507,8 +515,10 @@ class Upstream:
         memory_body_bytes: int = 2 * 1024 * 1024,
         resolver: Resolver | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
-        pool_limit: int = 512,
-        pool_limit_per_host: int = 128,
+        host_concurrency: int = 64,
+        host_queue_timeout: float = 5.0,
+        breaker_failures: int = 5,
+        breaker_cooldown: float = 10.0,
         ca_file: Path | None = None,
     ) -> None:
         self.policy = policy
@@ -531,8 +541,15 @@ class Upstream:
         self.memory_body_bytes = memory_body_bytes
         self.resolver: Resolver = resolver if resolver is not None else default_resolver
         self._transport = transport
-        self._pool_limit = pool_limit
-        self._pool_limit_per_host = pool_limit_per_host
+        # The pool itself is unbounded: a shared bound is what let slow hosts starve the others. Each host gets a
+        # fair share instead, and the total is bounded by the requests the server admits (one fetch per key).
+        self.gate = HostGate(
+            per_host=host_concurrency,
+            wait_timeout=host_queue_timeout,
+            failure_threshold=breaker_failures,
+            cooldown=breaker_cooldown,
+            clock=time.monotonic,
+        )
         self._engine: _Engine | None = None
 
     def _get_engine(self) -> _Engine:
@@ -546,8 +563,8 @@ class Upstream:
                 self._engine = _AiohttpEngine(
                     connect_timeout=self.connect_timeout,
                     read_timeout=self.read_timeout,
-                    limit=self._pool_limit,
-                    limit_per_host=self._pool_limit_per_host,
+                    limit=0,
+                    limit_per_host=0,
                     ssl_context=self.ssl_context,
                 )
         return self._engine
@@ -562,32 +579,57 @@ class Upstream:
         any conditional ones; credentials among them are dropped. Raises DestinationRefused before connecting,
         UpstreamTimeout / UpstreamError with a code from REASONS."""
         timeout = asyncio.timeout(self.total_timeout)
+        hop: list[str] = []  # the authority being fetched, so a total timeout is held against the right host
         try:
             async with timeout:
-                return await self._fetch(url, headers, method.upper())
+                return await self._fetch(url, headers, method.upper(), hop)
         except TimeoutError as exc:
             if timeout.expired():
+                if hop:
+                    self.gate.failed(hop[-1])
                 raise UpstreamTimeout("total-timeout") from exc
             raise UpstreamTimeout("read-timeout") from exc
 
-    async def _fetch(self, url: str, given: Mapping[str, str], method: str) -> UpstreamResponse:
+    async def _fetch(self, url: str, given: Mapping[str, str], method: str, hop: list[str]) -> UpstreamResponse:
         headers = _request_headers(given, self.user_agent, self.via)
         engine = self._get_engine()
         redirects = 0
         while True:
-            url, pinned = await self._check(url)
-            request_time = time.time()
-            wire = await engine.send(method, url, headers, pinned)
-            response_time = time.time()
-            location = _location(wire.raw_headers) if wire.status in REDIRECT_STATUSES else None
-            if location is None:
-                return await self._read(url, wire, method, request_time, response_time)
-            # A redirect body is never needed; dropping the connection is cheaper than draining an unknown size.
-            await wire.abort()
+            url, pinned, authority = await self._check(url)
+            hop.append(authority)
+            try:
+                async with self.gate.slot(authority):
+                    answer = await self._hop(engine, method, url, headers, pinned)
+            except HostBusy as exc:
+                raise UpstreamTimeout("host-busy") from exc
+            except HostUnavailable as exc:
+                raise UpstreamError("host-unavailable") from exc
+            except UpstreamError as exc:
+                if exc.reason in HOST_FAILURES:
+                    self.gate.failed(authority)
+                raise
+            self.gate.succeeded(authority)
+            if isinstance(answer, UpstreamResponse):
+                return answer
+            location, status = answer
             redirects += 1
             if redirects > self.max_redirects:
-                raise UpstreamError("too-many-redirects", status=wire.status)
+                raise UpstreamError("too-many-redirects", status=status)
             url = self._follow(url, location)
+
+    async def _hop(
+        self, engine: _Engine, method: str, url: str, headers: list[tuple[str, str]], pinned: list[IPAddress]
+    ) -> UpstreamResponse | tuple[str, int]:
+        """One request: the final answer, or the Location and status of a redirect to follow."""
+        request_time = time.time()
+        wire = await engine.send(method, url, headers, pinned)
+        response_time = time.time()
+        location = _location(wire.raw_headers) if wire.status in REDIRECT_STATUSES else None
+        if location is None:
+            return await self._read(url, wire, method, request_time, response_time)
+        # A redirect body is never needed; dropping the connection is cheaper than draining an unknown size.
+        await wire.abort()
+        return location, wire.status
 
     @staticmethod
     def _follow(current: str, location: str) -> str:
@@ -606,13 +648,14 @@ class Upstream:
         # The fragment is the client's business (RFC 9110 §10.2.2) and never goes on the wire.
         return target.split("#", 1)[0]
 
-    async def _check(self, url: str) -> tuple[str, list[IPAddress]]:
+    async def _check(self, url: str) -> tuple[str, list[IPAddress], str]:
         """Policy, then resolution, then policy on the addresses: what comes back is all we may connect to,
-        with the URL whose authority is rewritten to the policy's normalised form (the one that was checked)."""
+        with the URL whose authority is rewritten to the policy's normalised form (the one that was checked),
+        and that authority."""
         target = self.policy.check_url(url)
         url = _with_authority(url, target.authority)
         if target.address is not None:
-            return url, self.policy.choose_addresses(target, [])
+            return url, self.policy.choose_addresses(target, []), target.authority
         try:
             async with asyncio.timeout(self.connect_timeout):
                 resolved = await self.resolver(target.host, target.port)
@@ -624,7 +667,7 @@ class Upstream:
             raise UpstreamError("dns-failed") from exc
         if not resolved:
             raise UpstreamError("dns-failed")
-        return url, self.policy.choose_addresses(target, resolved)
+        return url, self.policy.choose_addresses(target, resolved), target.authority
 
     async def _read(
         self, url: str, wire: _Wire, method: str, request_time: float, response_time: float
