@@ -14,7 +14,13 @@ LRU: the meta file's mtime is the last-use time (set with an explicit nanosecond
 Eviction scans the folder under an exclusive flock, so several processes agree without a shared index. A sqlite
 index would make eviction O(log n) but puts a write transaction (and a lock shared by all workers) on every hit;
 the filesystem stays the single source of truth and survives restarts, crashes and manual deletion as it is.
-The shared byte counter is only a trigger: every eviction scan recounts the real files and rewrites it."""
+The shared byte counter is only a trigger: every eviction scan recounts the real files and rewrites it.
+
+The disk is an optimisation. A folder that refuses writes (full, read-only, or failing) never fails a request: the
+write is skipped whole, a read is a miss, and the `watcher` hears of it (every failure, and once per change of
+state). No file is held open for writing between operations (the lock is taken on a read-only descriptor, the
+counter is written through a short-lived one), so an operator can remount the folder read-only under a running
+Moxy, and writes resume by themselves once it takes them again."""
 
 from __future__ import annotations
 
@@ -28,14 +34,15 @@ import struct
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import anyio.to_thread
 
 from moxy.cache.entry import BodyFile, CorruptEntry, Entry, decode_entry, encode_entry, storage_id
 
-__all__ = ["DiskStorage"]
+__all__ = ["DiskStorage", "DiskWatcher", "fault_kind"]
 
 MiB = 1024 * 1024
 TEMP_MAX_AGE = 3600.0
@@ -43,7 +50,29 @@ RESCAN_INTERVAL = 600.0
 EVICT_TO = 0.9  # evict down to 90 % of the budget, so scans are rare
 _USAGE = struct.Struct("<qd")  # bytes in use, unix time of the last full recount
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+# The errno classes of a folder that refuses writes; they become metric labels, so they stay few and stable.
+_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+_READ_ONLY = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def fault_kind(exc: OSError) -> str:
+    """ "full", "read-only", or the lower-case errno name ("eio") of a failed disk operation."""
+    if exc.errno in _FULL:
+        return "full"
+    if exc.errno in _READ_ONLY:
+        return "read-only"
+    return errno.errorcode.get(exc.errno or 0, "unknown").lower()
+
+
+class DiskWatcher(Protocol):
+    """Told what the disk tier could not do; called on the event loop, so it may count and log directly."""
+
+    def failed(self, operation: str, kind: str) -> None:
+        """Every failed operation: get, put, touch, delete, probe or open (the folders at start-up)."""
+
+    def changed(self, fault: str | None, operation: str, error: OSError | None) -> None:
+        """The folder stopped taking writes (`fault` is the kind) or takes them again (`fault` is None); once per
+        change, not once per request."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -82,8 +111,10 @@ def _sha256_fd(fd: int, length: int) -> str:
 class DiskStorage:
     """Entries in a folder. get() returns bodies up to `inline_bytes` as bytes, larger ones as a BodyFile.
 
-    A put that meets a full disk (ENOSPC/EDQUOT) returns quietly, leaving nothing half-written; it is counted
-    in `dropped_puts`. Other OS errors propagate.
+    No OSError leaves this class: a write that fails (full disk, read-only folder, I/O error) is skipped whole,
+    leaving no half-written entry and no temp file, and is counted in `dropped_puts` (put and touch); a read that
+    fails is a miss. `fault` is the kind of the last failed write (see `fault_kind`) until a write or `probe()`
+    succeeds again.
 
     Bodies are checked against their SHA-256 on read. A body file verified once by this process is not hashed
     again while its identity (inode, size, mtime, ctime) is unchanged: any write to it changes ctime, and hashing
@@ -98,6 +129,7 @@ class DiskStorage:
         *,
         inline_bytes: int = MiB,
         embed_bytes: int = 64 * 1024,
+        watcher: DiskWatcher | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.max_bytes = max_bytes
@@ -106,20 +138,28 @@ class DiskStorage:
         # touch() is cheap. Larger bodies get their own file, which touch() never rewrites.
         self.embed_bytes = min(embed_bytes, inline_bytes)
         self.dropped_puts = 0
+        self.watcher = watcher
+        self.fault: str | None = None
         self._meta = self.directory / "meta"
         self._body = self.directory / "body"
         self._tmp = self.directory / "tmp"
-        for folder in (self._meta, self._body, self._tmp):
-            folder.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT | _O_CLOEXEC, 0o600)
-        self._usage_fd = os.open(self.directory / "usage", os.O_RDWR | os.O_CREAT | _O_CLOEXEC, 0o600)
-        self._close_fds = weakref.finalize(self, _close_all, (self._lock_fd, self._usage_fd))
+        self._folders_made = False
+        # Both opened read-only, and only when first needed: a folder that is read-only at start-up (or remounted
+        # so later) must not stop Moxy, and an open writable descriptor would make `mount -o remount,ro` fail.
+        self._lock_fd: int | None = None
+        self._usage_fd: int | None = None
+        self._fds: list[int] = []
+        self._close_fds = weakref.finalize(self, _close_all, self._fds)
         # flock excludes other processes (and other instances); threads of this instance share one open file
         # description, which flock does not separate, so they also take this lock.
         self._thread_lock = threading.Lock()
         # Body files verified in this process, by identity: a changed file (any write changes ctime) is hashed
         # again, an unchanged one is not hashed on every hit.
         self._verified: dict[str, tuple[int, int, int, int]] = {}
+        try:
+            self._make_folders()
+        except OSError as exc:
+            self._failed("open", exc)  # retried by every later write, so the folder may be fixed while Moxy runs
         self._clean_temp(time.time())
 
     @property
@@ -145,21 +185,36 @@ class DiskStorage:
         # the thread hop that reading an entry needs; the uncacheable and cold paths are all misses.
         if not os.path.exists(self._meta_path(storage_id(key))):
             return None
-        return await anyio.to_thread.run_sync(self._get, key)
+        try:
+            return await anyio.to_thread.run_sync(self._get, key)
+        except OSError as exc:
+            # An unreadable file is a miss like a corrupt one; reads say nothing about whether writes work.
+            if self.watcher is not None:
+                self.watcher.failed("get", fault_kind(exc))
+            return None
 
     async def put(self, entry: Entry) -> None:
-        await anyio.to_thread.run_sync(self._put, entry, False)
+        await self._write("put", self._put, entry, False)
 
     async def touch(self, entry: Entry) -> None:
         """Replace the metadata; the body file (same digest) is kept as it is, not rewritten."""
-        await anyio.to_thread.run_sync(self._put, entry, True)
+        await self._write("touch", self._put, entry, True)
 
     async def delete(self, key: str) -> bool:
-        return await anyio.to_thread.run_sync(self._delete, key)
+        return bool(await self._write("delete", self._delete, key))
+
+    async def probe(self) -> bool:
+        """Whether the folder takes writes now (a small temp file written, fsynced and removed); for readiness.
+
+        A success ends a fault, so the state recovers even while no miss arrives to write an entry."""
+        return bool(await self._write("probe", self._probe))
 
     def counted_usage(self) -> int:
         """Bytes in use by the shared counter every writer keeps up to date (one pread, no scan, no lock)."""
-        counted = self._read_usage()
+        try:
+            counted = self._read_usage()
+        except OSError:
+            return 0
         return max(0, counted[0]) if counted is not None else 0
 
     async def usage(self) -> int:
@@ -168,6 +223,52 @@ class DiskStorage:
 
     async def aclose(self) -> None:
         self._close_fds()
+
+    # -- faults ----------------------------------------------------------------------------
+
+    async def _write(self, operation: str, work: Callable[..., bool], *args: object) -> bool | None:
+        """Run a writing operation in a thread; an OSError skips it (the operation cleans up after itself).
+
+        The result: whether the folder was written (which ends a fault), or None when the operation failed."""
+        try:
+            wrote = await anyio.to_thread.run_sync(work, *args)
+        except OSError as exc:
+            if operation in ("put", "touch"):
+                self.dropped_puts += 1
+            self._failed(operation, exc)
+            return None
+        if wrote and self.fault is not None:
+            self.fault = None
+            if self.watcher is not None:
+                self.watcher.changed(None, operation, None)
+        return wrote
+
+    def _failed(self, operation: str, exc: OSError) -> None:
+        kind = fault_kind(exc)
+        if self.watcher is not None:
+            self.watcher.failed(operation, kind)
+        if self.fault != kind:
+            self.fault = kind
+            if self.watcher is not None:
+                self.watcher.changed(kind, operation, exc)
+
+    def _make_folders(self) -> None:
+        if self._folders_made:
+            return
+        for folder in (self._meta, self._body, self._tmp):
+            folder.mkdir(parents=True, exist_ok=True)
+        self._folders_made = True
+
+    def _probe(self) -> bool:
+        self._make_folders()
+        written: list[Path] = []
+        try:
+            os.unlink(self._write_temp(b"ready", written))
+        finally:
+            for path in written:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+        return True
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -250,7 +351,10 @@ class DiskStorage:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def _put(self, entry: Entry, touching: bool) -> None:
+    def _put(self, entry: Entry, touching: bool) -> bool:
+        """Store (or, `touching`, refresh) the entry; whether anything was written. An OSError is raised only once
+        every file this put made is gone again."""
+        self._make_folders()
         sid = storage_id(entry.key)
         meta_path = self._meta_path(sid)
         embed = entry.length <= self.embed_bytes
@@ -258,19 +362,19 @@ class DiskStorage:
         if embed:
             body_bytes = self._small_body(entry, meta_path if touching else None)
             if body_bytes is None:
-                return  # touch() of an entry whose body is nowhere at hand: nothing to update
+                return False  # touch() of an entry whose body is nowhere at hand: nothing to update
             meta_blob = encode_entry(entry.with_body(body_bytes), include_body=True)
             body_present = True
         else:
             body_present = _size_of(body_path) == entry.length if body_path is not None else False
             if not body_present and not (isinstance(entry.body, BodyFile) or len(entry.body) == entry.length):
                 if touching:
-                    return
+                    return False
                 raise ValueError(f"entry body is {len(entry.body)} bytes, entry says {entry.length}")
             meta_blob = encode_entry(entry.with_body(b""), include_body=False)
         if len(meta_blob) + (0 if embed else entry.length) > self.max_bytes:
             self._delete_sid(sid)  # cannot hold it: at least drop the older copy
-            return
+            return True
         added = len(meta_blob) + (0 if body_present else entry.length)
         self._add_usage(added, pending=True)
         written: list[Path] = []  # files to remove if the put fails before its commit
@@ -283,19 +387,18 @@ class DiskStorage:
             for path in written:
                 with contextlib.suppress(OSError):
                     os.unlink(path)
-            self._add_usage(-added)
-            if exc.errno in _NO_SPACE:
-                self.dropped_puts += 1
-                return
+            with contextlib.suppress(OSError):  # drift is corrected by the next recount
+                self._add_usage(-added)
             if isinstance(exc, FileNotFoundError) and touching:
-                return  # the source body vanished (evicted) while refreshing: nothing to keep
+                return False  # the source body vanished (evicted) while refreshing: nothing to keep
             raise
         if usage is None:
-            return
+            return False
         with contextlib.suppress(OSError):
             _fsync_dir(meta_path.parent)  # durability of the rename; the entry is already whole either way
         if usage > self.max_bytes:
             self._evict()
+        return True
 
     def _commit(self, sid: str, temp: Path, body_path: Path | None, added: int, written: list[Path]) -> int | None:
         """Make the new version visible and drop the superseded bodies; the usage after, or None when abandoned.
@@ -466,6 +569,10 @@ class DiskStorage:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         with self._thread_lock:
+            if self._lock_fd is None:
+                # flock needs no write access; O_CREAT does not fail on a read-only folder that already has it.
+                self._lock_fd = os.open(self.directory / "lock", os.O_RDONLY | os.O_CREAT | _O_CLOEXEC, 0o600)
+                self._fds.append(self._lock_fd)
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
             try:
                 yield
@@ -473,11 +580,29 @@ class DiskStorage:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def _read_usage(self) -> tuple[int, float] | None:
+        if self._usage_fd is None:
+            try:
+                fd = os.open(self.directory / "usage", os.O_RDONLY | _O_CLOEXEC)
+            except FileNotFoundError:
+                return None  # not counted yet: the caller recounts, which creates it
+            if self._usage_fd is None:
+                self._usage_fd = fd
+                self._fds.append(fd)
+            else:
+                os.close(fd)  # another thread opened it meanwhile
         raw = os.pread(self._usage_fd, _USAGE.size, 0)
         if len(raw) != _USAGE.size:
             return None
         used, scanned_at = _USAGE.unpack(raw)
         return used, scanned_at
+
+    def _write_usage(self, used: int, scanned_at: float) -> None:
+        # A descriptor for this write only: a writable one kept open would block a read-only remount.
+        fd = os.open(self.directory / "usage", os.O_WRONLY | os.O_CREAT | _O_CLOEXEC, 0o600)
+        try:
+            os.pwrite(fd, _USAGE.pack(used, scanned_at), 0)
+        finally:
+            os.close(fd)
 
     def _add_usage(self, delta: int, *, pending: bool = False) -> int:
         with self._locked():
@@ -491,10 +616,10 @@ class DiskStorage:
         if state is None or time.time() - state[1] > RESCAN_INTERVAL or state[0] + delta < 0:
             # First use of the folder, a periodic check, or drift (races between processes): recount.
             total = self._scan_locked(evict=False) + (delta if pending else 0)
-            os.pwrite(self._usage_fd, _USAGE.pack(total, time.time()), 0)
+            self._write_usage(total, time.time())
             return total
         used = state[0] + delta
-        os.pwrite(self._usage_fd, _USAGE.pack(used, state[1]), 0)
+        self._write_usage(used, state[1])
         return used
 
     def _recount(self) -> int:
@@ -540,18 +665,19 @@ class DiskStorage:
                         os.unlink(path)
                         self._verified.pop(path, None)
                     total -= body_size
-        os.pwrite(self._usage_fd, _USAGE.pack(total, now), 0)
+        with contextlib.suppress(OSError):  # the count is right either way; a writer rewrites the counter
+            self._write_usage(total, now)
         return total
 
     def _clean_temp(self, now: float) -> None:
         """Remove temp files left by crashed writers (ours and the fetcher's) once they are an hour old."""
         for item in _scan(self._tmp):
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):  # an unwritable folder is swept at a later start
                 if now - item.stat().st_mtime > TEMP_MAX_AGE:
                     os.unlink(item.path)
 
 
-def _close_all(fds: tuple[int, ...]) -> None:
+def _close_all(fds: list[int]) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)

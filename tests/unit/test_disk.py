@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,6 +39,9 @@ def make_entry(name: str, body: bytes) -> Entry:
 def meta_file(root: Path, entry: Entry) -> Path:
     sid = storage_id(entry.key)
     return root / "meta" / sid[:2] / sid
+
+
+SMALL_INLINE = 64 * 1024
 
 
 def body_file(root: Path, entry: Entry) -> Path:
@@ -304,11 +310,64 @@ async def test_stale_temp_files_and_orphan_bodies_are_cleaned(tmp_path: Path):
     assert young_orphan.exists()  # may be a put in progress in another worker
 
 
+class Watcher:
+    """Records what the disk tier reports, in order."""
+
+    def __init__(self) -> None:
+        self.failures: list[tuple[str, str]] = []
+        self.changes: list[tuple[str | None, str]] = []
+
+    def failed(self, operation: str, kind: str) -> None:
+        self.failures.append((operation, kind))
+
+    def changed(self, fault: str | None, operation: str, error: OSError | None) -> None:
+        assert (fault is None) == (error is None)
+        self.changes.append((fault, operation))
+
+
+def temp_files(root: Path) -> list[Path]:
+    return list((root / "tmp").iterdir())
+
+
+def refuse_writes(monkeypatch: pytest.MonkeyPatch, root: Path, code: int) -> None:
+    """Make every write under `root` (write-side open, mkdir, unlink, rename, link, utime) fail with `code`.
+
+    Opening an existing file read-only (with or without O_CREAT) still works there, as it does on a read-only
+    mount; that is how the lock is taken."""
+    real_open, real_mkdir = os.open, os.mkdir
+
+    def open_(path: Any, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
+        inside = str(path).startswith(str(root))
+        writing = flags & (os.O_WRONLY | os.O_RDWR) or (flags & os.O_CREAT and not os.path.exists(path))
+        if inside and writing:
+            raise OSError(code, os.strerror(code), str(path))
+        return real_open(path, flags, mode, dir_fd=dir_fd)
+
+    def mkdir(path: Any, mode: int = 0o777, *, dir_fd: int | None = None) -> None:
+        if str(path).startswith(str(root)) and not os.path.isdir(path):
+            raise OSError(code, os.strerror(code), str(path))
+        real_mkdir(path, mode, dir_fd=dir_fd)
+
+    def refused(real: Callable[..., None]) -> Callable[..., None]:
+        def call(path: Any, *args: Any, **kwargs: Any) -> None:
+            if str(path).startswith(str(root)):
+                raise OSError(code, os.strerror(code), str(path))
+            real(path, *args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    for name in ("unlink", "replace", "rename", "link", "utime"):
+        monkeypatch.setattr(os, name, refused(getattr(os, name)))
+
+
 @pytest.mark.parametrize("body_size", [1000, 300_000])
 async def test_full_disk_put_is_quiet_and_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body_size: int
 ):
-    disk = DiskStorage(tmp_path, 64 * MiB)
+    watcher = Watcher()
+    disk = DiskStorage(tmp_path, 64 * MiB, watcher=watcher)
     entry = make_entry("a.png", os.urandom(body_size))
     real_write = os.write
 
@@ -320,26 +379,144 @@ async def test_full_disk_put_is_quiet_and_leaves_nothing(
 
     monkeypatch.setattr(os, "write", full_disk)
     await disk.put(entry)
+    await disk.put(entry)
     monkeypatch.undo()
-    assert disk.dropped_puts == 1
+    assert disk.dropped_puts == 2
+    assert disk.fault == "full"
+    assert watcher.failures == [("put", "full"), ("put", "full")]
+    assert watcher.changes == [("full", "put")], "one report per change of state, not one per failure"
     assert await disk.get(entry.key) is None
-    assert list((tmp_path / "tmp").iterdir()) == []
+    assert temp_files(tmp_path) == []
     assert bytes_on_disk(tmp_path) == 0
     await disk.put(entry)
     assert await disk.get(entry.key) is not None
+    assert disk.fault is None
+    assert watcher.changes == [("full", "put"), (None, "put")]
 
 
-async def test_other_os_errors_propagate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    disk = DiskStorage(tmp_path, 64 * MiB)
+@pytest.mark.parametrize(
+    ("code", "kind"),
+    [
+        (errno.ENOSPC, "full"),
+        (errno.EDQUOT, "full"),
+        (errno.EFBIG, "full"),
+        (errno.EROFS, "read-only"),
+        (errno.EACCES, "read-only"),
+        (errno.EPERM, "read-only"),
+        (errno.EIO, "eio"),
+    ],
+)
+@pytest.mark.parametrize("body_size", [1000, 300_000])
+async def test_failed_writes_are_skipped_whole_and_classified(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, kind: str, body_size: int
+):
+    # The disk is an optimisation: whatever the OSError, the put is skipped (never raised into a request).
+    watcher = Watcher()
+    disk = DiskStorage(tmp_path, 64 * MiB, watcher=watcher)
+    entry = make_entry("a.png", os.urandom(body_size))
 
     def broken(fd: int, data: bytes | memoryview) -> int:
-        raise OSError(errno.EIO, "I/O error")
+        raise OSError(code, os.strerror(code))
 
     monkeypatch.setattr(os, "write", broken)
-    with pytest.raises(OSError):
-        await disk.put(make_entry("a.png", b"body"))
+    await disk.put(entry)
+    await disk.touch(entry)
+    assert await disk.probe() is False
     monkeypatch.undo()
-    assert list((tmp_path / "tmp").iterdir()) == []
+    assert watcher.failures == [("put", kind), ("touch", kind), ("probe", kind)]
+    assert watcher.changes == [(kind, "put")]
+    assert temp_files(tmp_path) == []
+    assert bytes_on_disk(tmp_path) == 0
+    assert await disk.get(entry.key) is None
+
+
+async def test_read_only_folder_skips_writes_and_recovers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    watcher = Watcher()
+    disk = DiskStorage(tmp_path, 64 * MiB, inline_bytes=SMALL_INLINE, watcher=watcher)
+    kept = make_entry("kept.png", os.urandom(200_000))
+    await disk.put(kept)
+    spooled = tmp_path / "tmp" / "moxy-spool-x"
+    spooled.write_bytes(os.urandom(300_000))
+    from_file = make_entry("file.png", spooled.read_bytes())
+    from_file = from_file.with_body(BodyFile(str(spooled), 0, from_file.length))
+    small = make_entry("small.png", b"small body")
+    used = bytes_on_disk(tmp_path)
+
+    refuse_writes(monkeypatch, tmp_path, errno.EROFS)
+    await disk.put(from_file)
+    await disk.put(small)
+    assert await disk.delete(kept.key) is False  # could not delete: the copy stays, and is still served
+    got = await disk.get(kept.key)
+    assert got is not None and read_body(got) == read_body(kept)
+    assert await disk.probe() is False
+    assert disk.fault == "read-only"
+    assert watcher.changes == [("read-only", "put")]
+    assert [operation for operation, _ in watcher.failures] == ["put", "put", "delete", "probe"]
+    assert temp_files(tmp_path) == [spooled]
+    assert bytes_on_disk(tmp_path) == used
+
+    monkeypatch.undo()  # writable again: no restart, the next write (here a probe) ends the fault
+    assert await disk.probe() is True
+    assert disk.fault is None
+    assert watcher.changes == [("read-only", "put"), (None, "probe")]
+    await disk.put(small)
+    assert await disk.get(small.key) is not None
+
+
+async def test_starts_on_a_folder_it_cannot_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    root = tmp_path / "cache"
+    root.mkdir()
+    watcher = Watcher()
+    refuse_writes(monkeypatch, root, errno.EACCES)
+    disk = DiskStorage(root, 64 * MiB, watcher=watcher)
+    assert disk.fault == "read-only"
+    assert watcher.failures == [("open", "read-only")]
+    entry = make_entry("a.png", b"body")
+    await disk.put(entry)
+    assert await disk.get(entry.key) is None
+    assert disk.counted_usage() == 0
+    monkeypatch.undo()
+    await disk.put(entry)  # makes the folders it could not make at start-up
+    assert await disk.get(entry.key) is not None
+    assert disk.fault is None
+
+
+async def test_unreadable_entry_is_a_miss(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    watcher = Watcher()
+    disk = DiskStorage(tmp_path, 64 * MiB, watcher=watcher)
+    entry = make_entry("a.png", b"body")
+    await disk.put(entry)
+    real_open = os.open
+
+    def denied(path: Any, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
+        if str(path).startswith(str(tmp_path / "meta")):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, mode, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "open", denied)
+    assert await disk.get(entry.key) is None
+    monkeypatch.undo()
+    assert watcher.failures == [("get", "read-only")]
+    assert disk.fault is None, "a failed read says nothing about writes"
+    assert await disk.get(entry.key) is not None
+
+
+async def test_holds_no_writable_descriptor_between_operations(tmp_path: Path):
+    # A writable descriptor kept open would make `mount -o remount,ro` of the cache folder fail with EBUSY.
+    disk = DiskStorage(tmp_path, 64 * MiB)
+    for size in (100, 300_000):
+        entry = make_entry(f"{size}.png", os.urandom(size))
+        await disk.put(entry)
+        assert await disk.get(entry.key) is not None
+    assert disk.counted_usage() > 0
+    writable = []
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{name}")
+            flags = int(Path(f"/proc/self/fdinfo/{name}").read_text().split("flags:")[1].split()[0], 8)
+            if target.startswith(str(tmp_path)) and flags & os.O_ACCMODE != os.O_RDONLY:
+                writable.append(target)
+    assert writable == []
 
 
 async def test_concurrent_writers_and_readers_of_one_key(tmp_path: Path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from collections.abc import AsyncIterator
@@ -340,3 +341,28 @@ async def test_memory_keeps_stale_entries_reachable():
     entry = make_entry(lifetime=0.0, stored_at=0.0)
     await memory.put(entry)
     assert await memory.get(entry.key) is entry  # no copy, and no expiry: the stale copy is still there
+
+
+async def test_tiered_serves_on_when_the_disk_refuses_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    # The disk is an optimisation: a full disk loses its copy, never the request, and the memory tier keeps its own.
+    memory = MemoryStorage(max_bytes=8 * MiB, max_entry_bytes=SMALL)
+    disk = DiskStorage(tmp_path, 64 * MiB, inline_bytes=SMALL)
+    tiered = TieredStorage([memory, disk])
+    small, large = make_entry("https://x/s"), make_entry("https://x/l", body=os.urandom(SMALL + 1))
+
+    def full(fd: int, data: bytes | memoryview) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    await tiered.put(small)
+    await tiered.put(large)
+    monkeypatch.undo()
+    assert disk.fault == "full"
+    assert await tiered.get(small.key) is not None  # from memory
+    assert await tiered.get(large.key) is None  # too big for memory, not on disk: the next request refetches
+    assert await disk.get(small.key) is None
+    assert list((tmp_path / "tmp").iterdir()) == []
+    await tiered.put(large)  # space again: written at once, no restart
+    assert await disk.get(large.key) is not None
+    assert disk.fault is None
+    await tiered.aclose()
