@@ -25,8 +25,10 @@ CAMO_B64_DIGEST_LENGTH = 27  # base64url of 20 bytes, unpadded
 # Verification reads at most 12 expiry digits, so the signer must never write more (year 33658 is enough).
 MAX_EXPIRES_AT = 10**12 - 1
 
-_B64URL = re.compile(r"^[A-Za-z0-9_-]*$")
-_HEX = re.compile(r"^[0-9a-fA-F]*$")
+# Used with fullmatch: "$" would also match before a trailing newline, and bytes.fromhex skips whitespace.
+_B64URL = re.compile(r"[A-Za-z0-9_-]*")
+_HEX = re.compile(r"[0-9a-fA-F]*")
+_EXPIRY = re.compile(r"0|[1-9][0-9]{0,11}")  # what sign_url writes: str() of 0..MAX_EXPIRES_AT, no leading zeros
 # C0 controls, DEL, C1 controls and every Unicode space: none may appear inside a signed URL.
 _FORBIDDEN = re.compile(r"[\x00-\x20\x7f-\x9f\s]")
 
@@ -36,7 +38,7 @@ def _b64encode(data: bytes) -> str:
 
 
 def _b64decode(text: str) -> bytes:
-    if not _B64URL.match(text) or len(text) % 4 == 1:
+    if not _B64URL.fullmatch(text) or len(text) % 4 == 1:
         raise MalformedURL("not base64url")
     try:
         data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
@@ -69,6 +71,23 @@ def check_signable(url: str) -> str:
         raise UnsignableURL(f"bad port: {exc}") from exc
     if not host:
         raise UnsignableURL("URL has no host")
+    return url
+
+
+def _signed_url(url_bytes: bytes) -> str:
+    """The URL that decoded bytes name, or MalformedURL unless `sign` would have accepted it.
+
+    Verification refuses exactly what signing refuses, and that keeps the signed message unambiguous: an
+    expiring URL's message is its URL, a newline and the expiry, so if a verified URL could hold a newline,
+    the signature of an expired URL would also vouch for a never-expiring URL spelled that way."""
+    try:
+        url = url_bytes.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MalformedURL("encoded URL is not UTF-8") from exc
+    try:
+        check_signable(url)
+    except UnsignableURL as exc:
+        raise MalformedURL(f"encoded URL could not have been signed: {exc}") from exc
     return url
 
 
@@ -141,7 +160,10 @@ class Signer:
         return self.verify_full(moxy_url).url
 
     def verify_full(self, moxy_url: str) -> VerifiedURL:
-        parts = urlsplit(moxy_url.strip())
+        try:
+            parts = urlsplit(moxy_url.strip())
+        except ValueError as exc:  # e.g. an unbalanced "[" in the host: not a Moxy URL at all
+            raise MalformedURL(f"not a URL: {exc}") from exc
         path = parts.path
         if self._base_path and path.startswith(self._base_path + "/"):
             path = path[len(self._base_path) :]
@@ -161,23 +183,22 @@ class Signer:
         digest, encoded = segments
         if len(digest) == NATIVE_DIGEST_LENGTH:
             return self._verify_native(digest, encoded, params)
-        if len(digest) == CAMO_HEX_DIGEST_LENGTH and _HEX.match(digest) and self._camo_keys:
+        if len(digest) == CAMO_HEX_DIGEST_LENGTH and _HEX.fullmatch(digest) and self._camo_keys:
             return self._verify_camo_hex(digest, encoded)
-        if len(digest) == CAMO_B64_DIGEST_LENGTH and _B64URL.match(digest) and self._camo_keys:
+        if len(digest) == CAMO_B64_DIGEST_LENGTH and _B64URL.fullmatch(digest) and self._camo_keys:
             return self._verify_camo_b64(digest, encoded)
         raise MalformedURL("digest has the wrong length")
 
     def _verify_native(self, digest: str, encoded: str, params: dict[str, list[str]]) -> VerifiedURL:
-        try:
-            url = _b64decode(encoded).decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise MalformedURL("encoded URL is not UTF-8") from exc
+        # The URL is checked before the digest: it is public, so the order tells nothing about the keys, and a
+        # URL that could never have been signed needs no HMAC.
+        url = _signed_url(_b64decode(encoded))
         expires_at: int | None = None
         message = url.encode("utf-8")
         if "e" in params:
             raw = params["e"]
-            if len(raw) != 1 or not raw[0].isdigit() or not raw[0].isascii() or len(raw[0]) > 12:
-                raise MalformedURL("expiry must be one decimal unix time")
+            if len(raw) != 1 or not _EXPIRY.fullmatch(raw[0]):
+                raise MalformedURL("expiry must be one decimal unix time, as the signer writes it")
             expires_at = int(raw[0])
             message += b"\n" + raw[0].encode("ascii")
         try:
@@ -191,32 +212,26 @@ class Signer:
         return VerifiedURL(url, expires_at, "native")
 
     def _verify_camo_hex(self, digest: str, encoded: str) -> VerifiedURL:
-        if not _HEX.match(encoded) or len(encoded) % 2:
+        if not _HEX.fullmatch(encoded) or len(encoded) % 2:
             raise MalformedURL("camo hex digest needs a hex-encoded URL")
-        url_bytes = bytes.fromhex(encoded)
-        return self._finish_camo(bytes.fromhex(digest), url_bytes, "camo-hex-path")
+        return self._finish_camo(bytes.fromhex(digest), bytes.fromhex(encoded), "camo-hex-path")
 
     def _verify_camo_query(self, digest: str, values: list[str]) -> VerifiedURL:
-        if len(values) != 1 or len(digest) != CAMO_HEX_DIGEST_LENGTH or not _HEX.match(digest):
+        if len(values) != 1 or len(digest) != CAMO_HEX_DIGEST_LENGTH or not _HEX.fullmatch(digest):
             raise MalformedURL("camo query form needs a hex digest and one url parameter")
         return self._finish_camo(bytes.fromhex(digest), values[0].encode("utf-8"), "camo-hex-query")
 
     def _verify_camo_b64(self, digest: str, encoded: str) -> VerifiedURL:
-        if _HEX.match(encoded) and len(encoded) % 2 == 0 and len(encoded) >= 2 * 8 and _looks_like_hex_url(encoded):
+        if _HEX.fullmatch(encoded) and len(encoded) % 2 == 0 and len(encoded) >= 2 * 8 and _looks_like_hex_url(encoded):
             raise MalformedURL("base64 digest with a hex-encoded URL")
         return self._finish_camo(_b64decode(digest), _b64decode(encoded), "camo-base64")
 
     def _finish_camo(self, given: bytes, url_bytes: bytes, form: str) -> VerifiedURL:
+        # Camo keys sign the URL alone, so no message is ambiguous here; the URL is still held to what
+        # `sign` accepts, so every form vouches only for a destination Moxy itself could have signed.
+        url = _signed_url(url_bytes)
         if not _matches_any(given, url_bytes, self._camo_keys, hashlib.sha1):
             raise BadSignature("signature does not match")
-        try:
-            url = url_bytes.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise MalformedURL("encoded URL is not UTF-8") from exc
-        try:
-            check_signable(url)
-        except UnsignableURL as exc:
-            raise MalformedURL(str(exc)) from exc
         return VerifiedURL(url, None, form)
 
 

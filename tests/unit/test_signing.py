@@ -13,8 +13,10 @@ import string
 from urllib.parse import quote
 
 import pytest
+from click.testing import CliRunner
 from hypothesis import example, given, settings, strategies as st
 
+from moxy.cli import main as moxy_command
 from moxy.errors import BadSignature, ConfigError, ExpiredURL, MalformedURL, UnsignableURL, VerificationError
 from moxy.signing import Signer, VerifiedURL, check_signable, sign_url
 
@@ -375,6 +377,102 @@ def test_non_canonical_base64_spellings_are_refused() -> None:
     for tampered in (f"/{flipped_digest}/{encoded}", f"/{digest}/{flipped_encoded}"):
         with pytest.raises(MalformedURL, match="base64url"):
             signer.verify(tampered)
+
+
+# -- the signed message is unambiguous ---------------------------------------------------------------------
+
+
+def repack_as_never_expiring(signed: str) -> str:
+    """The repack attack: an expiring URL's message is the URL, a newline and the expiry, so its digest also
+    fits a never-expiring URL whose encoded URL is those very bytes."""
+    head, _, exp = signed.partition("?e=")
+    base, digest, encoded = head.rsplit("/", 2)
+    message = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)) + b"\n" + exp.encode("ascii")
+    return f"{base}/{digest}/{_b64(message)}"
+
+
+@pytest.mark.parametrize("url", URLS)
+def test_expired_url_repacked_as_never_expiring_is_refused(url: str) -> None:
+    signed = reference_sign(url, KEY, BASE, exp=NOW)
+    later = fixed_clock(NOW + 3600)
+    with pytest.raises(ExpiredURL):
+        later.verify(signed)
+    repacked = repack_as_never_expiring(signed)
+    # Same message, same digest: the repacked URL is what a signer would make for the URL "url\nexp".
+    assert repacked == reference_sign(f"{url}\n{NOW}", KEY, BASE)
+    for signer in (later, Signer([OLD_KEY, KEY], BASE, camo_keys=[CAMO_KEY], clock=lambda: NOW + 3600)):
+        with pytest.raises(MalformedURL, match="whitespace or control characters"):
+            signer.verify(repacked)
+        with pytest.raises(MalformedURL):
+            signer.verify_path(repacked[len(BASE) :])
+
+
+def test_cli_verify_refuses_the_repacked_url() -> None:
+    repacked = repack_as_never_expiring(reference_sign("https://example.com/pic.png", KEY, BASE, exp=NOW))
+    result = CliRunner().invoke(moxy_command, ["verify", repacked], env={"MOXY_KEY": KEY})
+    assert result.exit_code == 1, result.stdout
+    assert result.stdout == ""
+    assert result.stderr.startswith("moxy: refused: ") and len(result.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        pytest.param("https://example.com/a.png\n1700000000", "whitespace", id="newline-expiry"),
+        pytest.param("https://example.com/a b.png", "whitespace", id="space"),
+        pytest.param("https://example.com/\x00.png", "control", id="nul"),
+        pytest.param("https://example.com/\u2028.png", "whitespace", id="line-separator"),
+        pytest.param("ftp://example.com/a.png", "scheme: ftp", id="ftp"),
+        pytest.param("javascript:alert(1)", "scheme: javascript", id="javascript"),
+        pytest.param("https:///a.png", "no host", id="no-host"),
+        pytest.param("https://example.com:99999/a.png", "bad port", id="bad-port"),
+    ],
+)
+@pytest.mark.parametrize("exp", [None, NOW + 60], ids=["forever", "expiring"])
+def test_correctly_signed_but_unsignable_native_urls_are_refused(url: str, why: str, exp: int | None) -> None:
+    # The digest is right (computed here by hand), but sign would have refused the URL, so verify does too.
+    with pytest.raises(UnsignableURL):
+        sign_url(url, KEY, BASE, expires_at=exp)
+    with pytest.raises(MalformedURL, match=why):
+        fixed_clock(NOW).verify(reference_sign(url, KEY, BASE, exp=exp))
+
+
+@pytest.mark.parametrize("expiry", [f"0{NOW + 60}", "00", "+5", " 5", "5 ", "٣", "1e3", "0x10"])
+def test_correctly_signed_expiry_the_signer_never_writes_is_refused(expiry: str) -> None:
+    # The signer writes str() of an integer, so any other spelling, however signed, is not a Moxy URL.
+    url = "https://example.com/a.png"
+    digest = _b64(hmac.new(KEY.encode(), f"{url}\n{expiry}".encode(), hashlib.sha256).digest())
+    with pytest.raises(MalformedURL, match="expiry"):
+        fixed_clock(NOW).verify(f"{BASE}/{digest}/{_b64(url.encode())}?e={quote(expiry, safe='')}")
+
+
+@pytest.mark.parametrize(
+    "moxy_url",
+    [
+        pytest.param("http://[/x", id="unbalanced-bracket"),
+        pytest.param("https://a\u2100b/" + "A" * 43 + "/aHR0cHM6Ly9leGFtcGxlLmNvbS8", id="nfkc-host"),
+    ],
+)
+def test_unparseable_url_is_a_malformed_url_not_a_crash(moxy_url: str) -> None:
+    # Found by the property tests: urlsplit's ValueError escaped verify (and `moxy verify` showed a traceback).
+    with pytest.raises(MalformedURL):
+        camo_signer().verify(moxy_url)
+
+
+@pytest.mark.parametrize(
+    ("path", "query"),
+    [
+        pytest.param("/" + "a" * 39 + "\n/" + "61" * 20, "", id="hex-digest-trailing-newline"),
+        pytest.param("/" + "a" * 40 + "/616\n", "", id="hex-url-trailing-newline"),
+        pytest.param("/" + "a" * 39 + "\n", "url=http%3A%2F%2Fexample.com%2F", id="query-digest-trailing-newline"),
+    ],
+)
+def test_request_path_with_a_trailing_newline_is_a_malformed_url_not_a_crash(path: str, query: str) -> None:
+    # Found by the property tests: a request path is percent-decoded, so %0A arrives as a newline, which a
+    # "^...$" pattern let through to bytes.fromhex (ValueError). urlsplit drops newlines, so only
+    # verify_path sees them.
+    with pytest.raises(MalformedURL):
+        camo_signer().verify_path(path, query)
 
 
 # -- tampering ---------------------------------------------------------------------------------------
