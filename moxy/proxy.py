@@ -22,6 +22,7 @@ from moxy.cache.entry import BodyFile, Entry, make_key
 from moxy.cache.freshness import Decision, FreshnessRules, assess, current_age, decide, is_storable, usable_on_error
 from moxy.cache.purges import PurgeLog
 from moxy.errors import DestinationRefused, ExpiredURL, MoxyError, UpstreamError, VerificationError
+from moxy.fields import valid_field_value
 from moxy.policy import DestinationPolicy
 from moxy.signing import Signer
 from moxy.upstream import UpstreamResponse
@@ -34,7 +35,8 @@ STORED_HEADERS = frozenset(
     {
         "content-type",
         "content-language",
-        "content-disposition",
+        # Content-Disposition is not kept: a file name chosen by a third party ("invoice.pdf\u202eexe.html") has no
+        # use for an embedded asset and could mislead whoever saves it; browsers name downloads from the URL.
         "last-modified",
         "access-control-allow-origin",
         "timing-allow-origin",
@@ -203,9 +205,11 @@ class Proxy:
         """The allowlisted client headers, whitespace-normalised: they go upstream and into the cache key."""
         chosen: dict[str, str] = {}
         for name in self.forward_headers:
-            value = headers.get(name)
-            if value:
-                chosen[name] = " ".join(value.split())
+            value = " ".join((headers.get(name) or "").split())
+            # Blank, or holding bytes outside the field grammar (RFC 9110 §5.5) that an upstream engine refuses to
+            # send: read as absent, so such a request shares the plain variant instead of making (or failing) its own.
+            if value and valid_field_value(value):
+                chosen[name] = value
         return chosen
 
     async def purge(self, url_or_moxy_url: str, variants: tuple[Mapping[str, str], ...] = ({},)) -> tuple[int, str]:
