@@ -407,9 +407,17 @@ def test_expired_url_repacked_as_never_expiring_is_refused(url: str) -> None:
             signer.verify_path(repacked[len(BASE) :])
 
 
-def test_cli_verify_refuses_the_repacked_url() -> None:
-    repacked = repack_as_never_expiring(reference_sign("https://example.com/pic.png", KEY, BASE, exp=NOW))
-    result = CliRunner().invoke(moxy_command, ["verify", repacked], env={"MOXY_KEY": KEY})
+@pytest.mark.parametrize(
+    "moxy_url",
+    [
+        pytest.param(
+            repack_as_never_expiring(reference_sign("https://example.com/pic.png", KEY, BASE, exp=NOW)), id="repacked"
+        ),
+        pytest.param("http://[/x", id="unbalanced-bracket"),  # was a traceback (urlsplit's ValueError)
+    ],
+)
+def test_cli_verify_refuses_with_exit_1(moxy_url: str) -> None:
+    result = CliRunner().invoke(moxy_command, ["verify", moxy_url], env={"MOXY_KEY": KEY}, catch_exceptions=False)
     assert result.exit_code == 1, result.stdout
     assert result.stdout == ""
     assert result.stderr.startswith("moxy: refused: ") and len(result.stderr.splitlines()) == 1
