@@ -24,6 +24,7 @@ from starlette.types import Receive, Scope, Send
 from moxy import __version__
 from moxy.accesslog import path_digest, write_access
 from moxy.cache import DiskStorage, MemoryStorage, Storage, TieredStorage
+from moxy.cache.disk import DiskWatcher
 from moxy.cache.freshness import FreshnessRules
 from moxy.cache.purges import PurgeLog
 from moxy.config import Settings, load_settings
@@ -50,7 +51,7 @@ class _Tiers:
     disk: DiskStorage | None
 
 
-def _build_storage(settings: Settings, purges: PurgeLog) -> _Tiers:
+def _build_storage(settings: Settings, purges: PurgeLog, disk_watcher: DiskWatcher | None = None) -> _Tiers:
     tiers: list[Storage] = []
     memory: MemoryStorage | None = None
     if settings.memory_cache_bytes > 0:
@@ -58,7 +59,7 @@ def _build_storage(settings: Settings, purges: PurgeLog) -> _Tiers:
         tiers.append(memory)
     disk: DiskStorage | None = None
     if settings.disk_cache_bytes > 0:
-        disk = DiskStorage(Path(settings.cache_dir), settings.disk_cache_bytes)
+        disk = DiskStorage(Path(settings.cache_dir), settings.disk_cache_bytes, watcher=disk_watcher)
         tiers.append(disk)
     if settings.redis_url is not None:
         from moxy.cache.redis import RedisStorage
@@ -172,18 +173,49 @@ async def _report_tiers(tiers: _Tiers, metrics: Metrics, interval: float = TIER_
         await asyncio.sleep(interval)
 
 
-async def _unready(settings: Settings, tiers: _Tiers) -> list[str]:
-    """What stops this worker from doing its job: an unwritable cache folder, an unreachable Redis."""
+async def _degraded(settings: Settings, tiers: _Tiers) -> list[str]:
+    """The optional parts failing now. Moxy serves without them, so they make it degraded, not unready:
+    "cache-dir" (the cache folder takes no writes: full, read-only, gone), "redis" (unreachable)."""
     failed: list[str] = []
-    try:
-        await asyncio.to_thread(_probe_writable, Path(settings.cache_dir))
-    except OSError:
+    if tiers.disk is not None:
+        writable = await tiers.disk.probe()  # also ends the disk tier's fault state once writes work again
+    else:
+        try:
+            # No disk tier, but the spool and the purge log still live in the cache folder.
+            await asyncio.to_thread(_probe_writable, Path(settings.cache_dir))
+            writable = True
+        except OSError:
+            writable = False
+    if not writable:
         failed.append("cache-dir")
     for tier in tiers.storage.tiers if isinstance(tiers.storage, TieredStorage) else ():
         ping = getattr(tier, "ping", None)
         if ping is not None and not await ping():
             failed.append("redis")
     return failed
+
+
+class _DiskReport:
+    """What the disk tier could not do: every failure counted, each change of state one JSON line on stderr."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def failed(self, operation: str, kind: str) -> None:
+        self.metrics.disk_failures.labels(operation=operation, error=kind).inc()
+
+    def changed(self, fault: str | None, operation: str, error: OSError | None) -> None:
+        record = {
+            "time": round(time.time(), 3),
+            "level": "warning" if fault else "info",
+            "event": "cache-dir-failed" if fault else "cache-dir-recovered",
+            "error": fault,
+            "operation": operation,
+            "detail": error.strerror if error is not None else None,
+        }
+        with contextlib.suppress(OSError, ValueError):  # a closed stderr must not fail a request
+            sys.stderr.buffer.write(orjson.dumps(record) + b"\n")
+            sys.stderr.flush()
 
 
 def _probe_writable(folder: Path) -> None:
@@ -233,7 +265,7 @@ def create_app(settings: Settings | None = None) -> MoxyApp:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         purges = PurgeLog(Path(settings.cache_dir) / "purges.log")
         await purges.refresh()
-        tiers = _build_storage(settings, purges)
+        tiers = _build_storage(settings, purges, _DiskReport(metrics))
         storage, disk = tiers.storage, tiers.disk
         spool = disk.spool_dir if disk is not None else Path(settings.cache_dir) / "tmp"
         spool.mkdir(parents=True, exist_ok=True)
@@ -328,13 +360,14 @@ def create_app(settings: Settings | None = None) -> MoxyApp:
         return Response(b'{"status":"ok"}', media_type="application/json", headers={"cache-control": "no-store"})
 
     async def readyz(request: Request) -> Response:
-        failed = await _unready(settings, state["tiers"])
-        body = orjson.dumps({"status": "unready", "failed": failed} if failed else {"status": "ready"})
+        # 503 only while Moxy cannot answer at all (still starting); a failing optional part is reported, with 200.
+        body: dict[str, object]
+        if "tiers" not in state:
+            body, status = {"status": "starting"}, 503
+        else:
+            body, status = {"status": "ready", "degraded": await _degraded(settings, state["tiers"])}, 200
         return Response(
-            body,
-            status_code=503 if failed else 200,
-            media_type="application/json",
-            headers={"cache-control": "no-store"},
+            orjson.dumps(body), status_code=status, media_type="application/json", headers={"cache-control": "no-store"}
         )
 
     async def metrics_page(request: Request) -> Response:

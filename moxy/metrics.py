@@ -74,6 +74,13 @@ class Metrics:
         self.disk_bytes = Gauge(
             "moxy_disk_cache_bytes", "Bytes held by the disk tier.", registry=registry, multiprocess_mode="livemax"
         )
+        # Counters, so each worker's failures add up in multiprocess mode like every other counter here.
+        self.disk_failures = Counter(
+            "moxy_disk_failures",
+            "Cache folder operations that failed (Moxy served on without the disk), by operation and error class.",
+            ["operation", "error"],
+            registry=registry,
+        )
         # The answer nearly every request gets, bound once: labels() takes a lock and a dict lookup.
         self._hit = self.requests.labels(status="200", cache="HIT")
 

@@ -66,6 +66,7 @@ REASONS: frozenset[str] = frozenset(
         "bad-chunking",  # malformed chunked transfer coding
         "bad-encoding",  # the Content-Encoding could not be decoded
         "too-large",  # body over max_body_bytes, or a decompression bomb (the connection is closed, not drained)
+        "spool-failed",  # the cache folder took no spool write and the body is too big to hold in memory instead
         "too-many-redirects",
         "bad-redirect",  # Location is not an absolute or relative http(s) URL
         "transport-error",  # anything else the HTTP engine raised
@@ -378,36 +379,92 @@ class _HttpxEngine:
 
 
 class _BodySink:
-    """Holds a streaming body in memory up to `memory_limit`, then in a spool file written from a worker thread."""
+    """Holds a streaming body in memory up to `memory_limit`, then in a spool file written from a worker thread.
 
-    def __init__(self, spool_dir: Path, memory_limit: int) -> None:
+    The spool folder lives in the cache folder and, like the disk tier, is an optimisation: when it takes no
+    writes (full, read-only, failing), the body is brought back into memory and kept there up to
+    `FALLBACK_BYTES`, so the answer is still served. A body past that bound is refused as
+    UpstreamError("spool-failed") (a 502, or the stale copy when there is one), never a 500: holding up to
+    `max_body_bytes` (50 MiB by default) per concurrent miss in memory is how a full disk would become an
+    out-of-memory kill of every request of the worker. `on_failure` hears of each spool failure."""
+
+    # 8x the usual in-memory threshold: nearly every image and font fits, and a few dozen concurrent large misses
+    # during a disk fault stay within a few hundred MiB.
+    FALLBACK_BYTES = 16 * 1024 * 1024
+
+    def __init__(self, spool_dir: Path, memory_limit: int, on_failure: Callable[[OSError], None] | None = None) -> None:
         self._spool_dir = spool_dir
         self._memory_limit = memory_limit
+        self._on_failure = on_failure
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self.length = 0
         self._file: tempfile._TemporaryFileWrapper[bytes] | None = None
+        self._spooled = 0  # bytes known to be in the spool file
+        self.spool_error: OSError | None = None  # set once spooling failed: the body stays in memory from then on
 
     async def add(self, chunk: bytes) -> None:
         self._pending.append(chunk)
         self._pending_bytes += len(chunk)
         self.length += len(chunk)
-        if self._file is None and self.length > self._memory_limit:
-            # Created inline (one quick syscall, no await): a cancellation can then never orphan the file.
-            self._file = tempfile.NamedTemporaryFile(dir=self._spool_dir, prefix="moxy-spool-", delete=False)
+        if self._file is None and self.spool_error is None and self.length > self._memory_limit:
+            try:
+                # Created inline (one quick syscall, no await): a cancellation can then never orphan the file.
+                # Unbuffered, so a failed write leaves exactly `_spooled` bytes to read back.
+                self._file = tempfile.NamedTemporaryFile(
+                    dir=self._spool_dir, prefix="moxy-spool-", delete=False, buffering=0
+                )
+            except OSError as exc:
+                await self._stop_spooling(exc, b"")
         if self._file is not None and self._pending_bytes >= SPOOL_WRITE_BYTES:
             await self._write_pending()
+        if self.spool_error is not None and self.length > self.FALLBACK_BYTES:
+            raise UpstreamError("spool-failed") from self.spool_error
 
     async def _write_pending(self) -> None:
         assert self._file is not None
         data, self._pending, self._pending_bytes = b"".join(self._pending), [], 0
-        await asyncio.to_thread(self._file.write, data)
+        before = self._spooled
+        try:
+            await asyncio.to_thread(self._write_all, self._file, data)
+        except OSError as exc:
+            await self._stop_spooling(exc, data[self._spooled - before :])
+
+    def _write_all(self, file: tempfile._TemporaryFileWrapper[bytes], data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            written = file.write(view)  # raw file: may write part of it
+            self._spooled += written
+            view = view[written:]
+
+    async def _stop_spooling(self, exc: OSError, unwritten: bytes) -> None:
+        """Spooling failed: the body so far goes back into memory (within bound) and the spool file away."""
+        self.spool_error = exc
+        if self._on_failure is not None:
+            self._on_failure(exc)
+        if self.length > self.FALLBACK_BYTES:
+            raise UpstreamError("spool-failed") from exc  # the caller's discard() removes the file
+        head = b""
+        if self._file is not None:
+            try:
+                head = await asyncio.to_thread(_read_spooled, self._file.name, self._spooled)
+            except OSError as read_error:
+                raise UpstreamError("spool-failed") from read_error
+            file, self._file = self._file, None
+            await asyncio.to_thread(_close_and_unlink, file)
+        self._pending = [head, unwritten, *self._pending]
+        self._pending_bytes = sum(len(part) for part in self._pending)
 
     async def finish(self) -> tuple[bytes | None, str | None]:
+        if self._file is not None:
+            await self._write_pending()
+        if self._file is not None:
+            try:
+                await asyncio.to_thread(self._file.close)
+            except OSError as exc:
+                await self._stop_spooling(exc, b"")
         if self._file is None:
             return b"".join(self._pending), None
-        await self._write_pending()
-        await asyncio.to_thread(self._file.close)
         return None, self._file.name
 
     async def discard(self) -> None:
@@ -417,10 +474,32 @@ class _BodySink:
             await asyncio.to_thread(_close_and_unlink, file)
 
 
+def _read_spooled(path: str, length: int) -> bytes:
+    parts: list[bytes] = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        offset = 0
+        while offset < length:
+            chunk = os.pread(fd, length - offset, offset)
+            if not chunk:
+                raise OSError(f"spool file {path} shorter than the {length} bytes written to it")
+            parts.append(chunk)
+            offset += len(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(parts)
+
+
 def _close_and_unlink(file: tempfile._TemporaryFileWrapper[bytes]) -> None:
-    file.close()
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(file.name)
+    # The file goes even when closing it fails (a deferred write error); on a folder that turned read-only the
+    # unlink fails too, and the start-up sweep of temp files removes it later.
+    try:
+        file.close()
+    except OSError:
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(file.name)
 
 
 # -- headers ---------------------------------------------------------------------------------------------------------
