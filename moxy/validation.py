@@ -16,6 +16,7 @@ from typing import TypeAlias
 import orjson
 
 from moxy.errors import ConfigError
+from moxy.fields import OWS, valid_field_value
 from moxy.rules import MediaPatterns, Rule, Rules, media_pattern_problem, parse_rules
 
 __all__ = [
@@ -133,12 +134,16 @@ def media_type(content_type: str) -> tuple[str, str]:
     """(essence, problem) of a Content-Type value: ("image/png", "") for "image/PNG; charset=x".
 
     The problem is non-empty when the header is missing, malformed, or ambiguous: repeated Content-Type headers
-    (joined with ", ") naming different types are refused rather than guessed (RFC 9110 §8.3 allows one)."""
-    if not content_type.strip():
+    (joined with ", ") naming different types are refused rather than guessed (RFC 9110 §8.3 allows one).
+    A value with a control byte is malformed: it is stored and sent again as it is, and no server can send it
+    (RFC 9110 §5.5). Only SP and HTAB count as whitespace (str.strip() would hide a trailing control byte)."""
+    if not content_type.strip(OWS):
         return "", "missing Content-Type"
+    if not valid_field_value(content_type):
+        return "", f"malformed Content-Type {content_type[:80]!r}"
     essences = set()
     for piece in content_type.split(","):
-        essence = piece.split(";", 1)[0].strip().lower()
+        essence = piece.split(";", 1)[0].strip(OWS).lower()
         if _ESSENCE.fullmatch(essence):  # other pieces come from commas inside quoted parameters
             essences.add(essence)
     if not essences:

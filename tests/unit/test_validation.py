@@ -271,6 +271,14 @@ def test_non_positive_size_is_a_config_error() -> None:
         ("", "", "missing Content-Type"),
         ("nonsense", "", "malformed"),
         ("text/html, image/png", "", "conflicting"),
+        ("\t image/png \t", "image/png", ""),  # RFC 9110 §5.6.3 OWS
+        # A control byte at either end (which str.strip() would have hidden) or inside: it could never be sent again.
+        ("image/png\x0b", "", "malformed"),
+        ("\x0cimage/png", "", "malformed"),
+        ("image/png\x1f", "", "malformed"),
+        ("image/png; q=\x00", "", "malformed"),
+        ("image/png\xa0", "", "malformed"),  # NO-BREAK SPACE is no whitespace in HTTP
+        ("image/p\u0130ng", "", "malformed"),  # beyond latin-1: no field value at all
     ],
 )
 def test_media_type(header: str, essence: str, problem: str) -> None:
