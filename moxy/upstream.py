@@ -130,7 +130,7 @@ class UpstreamResponse:
     body: bytes | None
     body_path: str | None
     length: int
-    declared_length: int | None
+    declared_length: int | None  # the Content-Length, when it counts the bytes of `body` (no content coding)
     request_time: float
     response_time: float
 
@@ -543,7 +543,11 @@ def _declared_length(raw: Sequence[tuple[str, str]]) -> int | None:
     if len(values) != 1:
         return None
     value = values.pop()
-    return int(value) if value.isdigit() else None
+    # RFC 9110 §8.6: ASCII digits only (str.isdigit() also takes "²" and "١"); a length past 10^18 is not one
+    # any engine would frame, and int() on thousands of digits is itself slow.
+    if not (value.isascii() and value.isdigit()) or len(value) > 18:
+        return None
+    return int(value)
 
 
 def _content_coded(raw: Sequence[tuple[str, str]]) -> bool:
@@ -792,7 +796,8 @@ class Upstream:
             body=body,
             body_path=body_path,
             length=sink.length,
-            declared_length=declared,
+            # With a content coding the wire length describes the coded bytes, not the decoded body handed over.
+            declared_length=None if coded else declared,
             request_time=request_time,
             response_time=response_time,
         )
