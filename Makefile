@@ -5,13 +5,14 @@ BIN     := $(VENV)/bin
 STATE   ?= var
 
 .DEFAULT_GOAL := help
-.PHONY: help run test check lint bench example clean system-deps
+.PHONY: help run test check lint bench soak example clean system-deps
 
 help:
 	@echo "make run     install into $(VENV) and start Moxy on 127.0.0.1:8080 (key kept in $(STATE)/moxy.key)"
 	@echo "make test    install with test extras and run the whole suite (unit + real servers on loopback)"
 	@echo "make check   ruff, ruff format --check, mypy --strict, import layering"
 	@echo "make bench   the benchmark, as ratios against nginx measured in the same run"
+	@echo "make soak    SOAK_MINUTES (default 10) of mixed traffic on 2 workers: RSS, fds and 5xx causes, verdict"
 	@echo "make example the Jinja2 example page of signed images"
 
 $(BIN)/python:
@@ -49,6 +50,10 @@ lint: $(VENV)/.test
 
 bench: $(VENV)/.test system-deps
 	$(BIN)/python -m bench
+
+SOAK_MINUTES ?= 10
+soak: $(VENV)/.test system-deps
+	$(BIN)/python -m bench.soak --minutes $(SOAK_MINUTES)
 
 example: $(VENV)/.runtime
 	$(BIN)/python examples/app.py
