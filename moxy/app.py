@@ -9,6 +9,7 @@ import hmac
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from moxy.cache.disk import DiskWatcher
 from moxy.cache.freshness import FreshnessRules
 from moxy.cache.purges import PurgeLog
 from moxy.config import Settings, load_settings
-from moxy.errors import ConfigError, UpstreamError
+from moxy.errors import ConfigError, MoxyError, UpstreamError
 from moxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics
 from moxy.policy import DestinationPolicy
 from moxy.proxy import CacheResult, Failed, Fetch, Proxy, ProxyRequest, Served
@@ -42,6 +43,8 @@ from moxy.validation import build_chain
 __all__ = ["MoxyApp", "create_app"]
 
 TIER_REPORT_SECONDS = 5.0
+# The reason of an answer Moxy gives when its own code failed: a bug, and what the tests look for in every log.
+INTERNAL_ERROR = "internal-error"
 
 
 @dataclass(slots=True)
@@ -225,6 +228,20 @@ def _probe_writable(folder: Path) -> None:
         probe.flush()
 
 
+def _log_internal_error(path: str, exc: Exception) -> None:
+    record = {
+        "time": round(time.time(), 3),
+        "level": "error",
+        "event": INTERNAL_ERROR,
+        "path": path_digest(path),
+        "error": type(exc).__name__,
+        "traceback": "".join(traceback.format_exception(exc)),
+    }
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.buffer.write(orjson.dumps(record) + b"\n")
+        sys.stderr.flush()
+
+
 def _warn_about_short_camo_keys(keys: list[str]) -> None:
     # DESIGN section 1: legacy camo keys are often short; they are accepted (published URLs must keep working)
     # but never silently. The key itself is never printed.
@@ -317,21 +334,29 @@ def create_app(settings: Settings | None = None) -> MoxyApp:
     async def serve(request: Request) -> Response:
         started = time.perf_counter()
         proxy: Proxy = state["proxy"]
-        outcome = await proxy.handle(
-            ProxyRequest(path=request.url.path, query=request.url.query, headers=request.headers)
-        )
         head = request.method == "HEAD"
-        if isinstance(outcome, Served):
-            response = render(request, outcome, vary)
-            if outcome.cache is CacheResult.HIT and not head and response.status_code == 200:
-                _prepare_shortcut(request, outcome, response)
-            cache, reason, upstream_status = outcome.cache.value, outcome.reason, outcome.upstream_status
-            upstream_seconds = outcome.upstream_seconds
-        else:
-            assert isinstance(outcome, Failed)
-            response = error_response(outcome.error, cache=outcome.cache.value, head=head)
-            cache, reason = outcome.cache.value, getattr(outcome.error, "reason", str(outcome.error))
-            upstream_status, upstream_seconds = outcome.upstream_status, outcome.upstream_seconds
+        try:
+            outcome = await proxy.handle(
+                ProxyRequest(path=request.url.path, query=request.url.query, headers=request.headers)
+            )
+            if isinstance(outcome, Served):
+                response = render(request, outcome, vary)
+                if outcome.cache is CacheResult.HIT and not head and response.status_code == 200:
+                    _prepare_shortcut(request, outcome, response)
+                cache, reason, upstream_status = outcome.cache.value, outcome.reason, outcome.upstream_status
+                upstream_seconds = outcome.upstream_seconds
+            else:
+                assert isinstance(outcome, Failed)
+                response = error_response(outcome.error, cache=outcome.cache.value, head=head, vary=vary)
+                cache, reason = outcome.cache.value, getattr(outcome.error, "reason", str(outcome.error))
+                upstream_status, upstream_seconds = outcome.upstream_status, outcome.upstream_seconds
+        except Exception as exc:
+            # A bug, never an expected outcome: the answer is still a well-formed, uncacheable JSON error with the
+            # security headers, counted and logged like every other, and the traceback goes to the error log.
+            _log_internal_error(request.url.path, exc)
+            response = error_response(MoxyError(INTERNAL_ERROR), cache=CacheResult.BYPASS.value, head=head)
+            cache, reason, upstream_status, upstream_seconds = CacheResult.BYPASS.value, INTERNAL_ERROR, None, None
+            metrics.internal_errors.inc()
         metrics.count_request(response.status_code, cache, time.perf_counter() - started)
         if settings.access_log:
             sent = int(response.headers.get("content-length", 0) or 0)

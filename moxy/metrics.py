@@ -52,6 +52,11 @@ class Metrics:
         self.upstream_failures = Counter(
             "moxy_upstream_failures", "Upstream fetches that failed, by reason.", ["reason"], registry=registry
         )
+        self.internal_errors = Counter(
+            "moxy_internal_errors",
+            "Requests Moxy's own code failed to answer (a bug: the answer was a 500); zero in a healthy deployment.",
+            registry=registry,
+        )
         self.rejections = Counter(
             "moxy_validation_rejections",
             "Upstream answers refused by validation, by reason.",

@@ -50,6 +50,7 @@ NOT_SENT = frozenset({"cache-control", "expires", "date", "age", "etag", "conten
 STREAM_CHUNK = 1024 * 1024
 WHOLE_READ_BYTES = 4 * 1024 * 1024
 UPSTREAM_ERROR_MAX_AGE = 10
+REFUSED_REASON = "destination not allowed"
 # RFC 9110 §5.6.3: the only whitespace a field value may carry around it (str.strip() would also eat control bytes).
 _OWS = " \t"
 
@@ -71,14 +72,24 @@ def error_status(error: MoxyError) -> int:
     return 500
 
 
-def error_response(error: MoxyError, *, cache: str, head: bool = False) -> Response:
+def error_response(error: MoxyError, *, cache: str, head: bool = False, vary: str = "") -> Response:
     status = error_status(error)
     kind = type(error).__name__
     reason = getattr(error, "reason", str(error))
+    if isinstance(error, DestinationRefused):
+        # Which check refused (a private address, a denied name, a loopback spelling) would tell anyone who can
+        # get URLs signed how internal names resolve; the access log keeps the detail, the client gets this.
+        reason = REFUSED_REASON
     body = orjson.dumps({"error": kind, "reason": reason})
     headers = dict(SECURITY_HEADERS)
-    # Errors the request caused must never be cached for everyone; upstream errors only briefly.
-    headers["cache-control"] = "no-store" if status in (400, 403, 410) else f"public, max-age={UPSTREAM_ERROR_MAX_AGE}"
+    if status in (400, 403, 410, 500):
+        # Errors the request caused (or a fault of Moxy's own) must never be cached for everyone.
+        headers["cache-control"] = "no-store"
+    else:
+        # Upstream errors are kept briefly; the upstream saw the forwarded headers, so they name the variant.
+        headers["cache-control"] = f"public, max-age={UPSTREAM_ERROR_MAX_AGE}"
+        if vary:
+            headers["vary"] = vary
     headers["x-moxy-cache"] = cache
     headers["cache-status"] = f"moxy; fwd=uri-miss; detail={_sf_string(reason)}" if status >= 500 else "moxy"
     return Response(b"" if head else body, status_code=status, headers=headers, media_type="application/json")

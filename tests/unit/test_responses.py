@@ -10,6 +10,7 @@ from email.utils import formatdate
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 from pydantic import SecretStr
 from starlette.requests import Request
@@ -215,6 +216,35 @@ def test_error_cache_status_detail_is_a_well_formed_string() -> None:
 
     response = error_response(UpstreamError('bad "thing"\n'), cache="MISS")
     assert response.headers["cache-status"] == 'moxy; fwd=uri-miss; detail="bad \\"thing\\""'
+
+
+@pytest.mark.parametrize(
+    "reason", ["host intranet.example resolves to a private address", "denied host", "loopback address"]
+)
+def test_a_refused_destination_tells_the_client_nothing_about_why(reason: str) -> None:
+    # An internal DNS oracle otherwise: which check refused says how a name resolves inside the network.
+    from moxy.errors import DestinationRefused
+
+    response = error_response(DestinationRefused(reason), cache="BYPASS")
+    assert response.status_code == 403
+    assert orjson.loads(response.body) == {"error": "DestinationRefused", "reason": "destination not allowed"}
+    assert response.headers["cache-control"] == "no-store"
+    assert "vary" not in response.headers
+
+
+def test_upstream_errors_name_the_variant_they_were_fetched_for() -> None:
+    # A CDN keeps these briefly; the upstream answered one forwarded Accept, so the edge must key on it too.
+    from moxy.errors import BadSignature, UpstreamError, UpstreamTimeout
+
+    for error in (
+        UpstreamError("upstream-status-500"),
+        UpstreamTimeout("read-timeout"),
+        UpstreamError("x", status=404),
+    ):
+        response = error_response(error, cache="MISS", vary="Accept")
+        assert response.headers["vary"] == "Accept"
+        assert response.headers["cache-control"] == "public, max-age=10"
+    assert "vary" not in error_response(BadSignature("bad"), cache="BYPASS", vary="Accept").headers
 
 
 # -- on the wire -----------------------------------------------------------------------------------------------------
