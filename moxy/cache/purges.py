@@ -45,11 +45,17 @@ class PurgeLog:
         when = self._purged.get(entry.url)
         return when is not None and entry.stored_at <= when
 
-    async def record(self, url: str, when: float) -> None:
-        """Write the purge for every worker, and apply it here at once."""
+    async def record(self, url: str, when: float) -> bool:
+        """Apply the purge here at once, and write it for every other worker; False when the log took no write
+        (a full or read-only cache folder): the purge then holds in this worker and in the shared tiers only,
+        and the other workers' memory copies live out their freshness. Never an error for the caller."""
         self._note(url, when)
         line = orjson.dumps({"t": when, "url": url}) + b"\n"
-        await asyncio.to_thread(self._append, line)
+        try:
+            await asyncio.to_thread(self._append, line)
+        except OSError:
+            return False
+        return True
 
     async def refresh(self) -> None:
         """Read the purges other processes wrote since the last call (cheap when there are none: one stat)."""

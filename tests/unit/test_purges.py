@@ -126,3 +126,13 @@ async def test_tiers_drop_only_the_copies_older_than_the_purge(tmp_path: Path) -
     await upper.put(old)
     assert await tiers.get(old.key) is None, "only pre-purge copies: a miss, and they are gone"
     assert await upper.get(old.key) is None
+
+
+async def test_an_unwritable_log_still_purges_here(tmp_path: Path) -> None:
+    # The cache folder is a file, not a folder: every write to the log fails, as on a full or read-only disk.
+    blocker = tmp_path / "cache"
+    blocker.write_bytes(b"not a folder")
+    log = PurgeLog(blocker / "purges.log")
+    assert await log.record(URL, 200.0) is False
+    assert log.covers(entry(stored_at=150.0)), "this worker applies the purge whatever the disk does"
+    assert await PurgeLog(tmp_path / "purges.log").record(URL, 200.0) is True
