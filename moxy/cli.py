@@ -108,11 +108,12 @@ def ensure_key_file(path: Path) -> bool:
     return True
 
 
-def _print_welcome(settings: Settings, signer: Signer) -> None:
+def _print_welcome(settings: Settings, signer: Signer, fd: int | None = None) -> None:
+    where = f"the inherited socket {fd}" if fd is not None else f"http://{settings.host}:{settings.port}"
     key_source = f"MOXY_KEY_FILE={settings.key_file} " if settings.key is None else ""
     example = signer.sign("https://www.python.org/static/img/python-logo.png")
     click.echo(
-        f"moxy {__version__}: serving on http://{settings.host}:{settings.port} "
+        f"moxy {__version__}: serving on {where} "
         f"({settings.workers} worker{'s' if settings.workers > 1 else ''}, cache in {settings.cache_dir})\n"
         f"  sign a URL:  {key_source}{sys.argv[0]} sign https://example.com/picture.png\n"
         f"  example:     {example}",
@@ -124,10 +125,19 @@ def _print_welcome(settings: Settings, signer: Signer) -> None:
 @click.option("--host", help="Interface to listen on [MOXY_HOST].")
 @click.option("--port", type=int, help="Port to listen on [MOXY_PORT].")
 @click.option("--workers", type=int, help="Worker processes [MOXY_WORKERS].")
+@click.option(
+    "--fd", type=click.IntRange(min=0), help="Serve on this inherited listening socket instead of --host/--port."
+)
 @click.option("--init-key", is_flag=True, help="Create MOXY_KEY_FILE with a fresh key if it does not exist.")
-def serve(host: str | None, port: int | None, workers: int | None, init_key: bool) -> None:
+# The app factory uvicorn loads in each worker; the integration tests wrap the real one to widen a crash window.
+@click.option("--app", "app_factory", default="moxy.app:create_app", hidden=True)
+def serve(
+    host: str | None, port: int | None, workers: int | None, fd: int | None, init_key: bool, app_factory: str
+) -> None:
     """Run the proxy."""
     import uvicorn
+
+    from moxy.server import BoundedHttpToolsProtocol
 
     flags = {"host": host, "port": port, "workers": workers}
     settings = _settings(**flags)
@@ -135,7 +145,7 @@ def serve(host: str | None, port: int | None, workers: int | None, init_key: boo
         if ensure_key_file(settings.key_file):
             click.echo(f"moxy: generated a new key in {settings.key_file}", err=True)
     signer = _signer(settings)  # a missing or short key stops start-up here, with one line
-    _print_welcome(settings, signer)
+    _print_welcome(settings, signer, fd)
     # Worker processes rebuild Settings from the environment, so given flags travel there.
     for name, value in flags.items():
         if value is not None:
@@ -146,11 +156,15 @@ def serve(host: str | None, port: int | None, workers: int | None, init_key: boo
     # place before it started; with this one the process then exits 0, as a supervisor expects of a clean stop.
     signal.signal(signal.SIGTERM, _exit_cleanly)
     uvicorn.run(
-        "moxy.app:create_app",
+        app_factory,
         factory=True,
         host=settings.host,
         port=settings.port,
+        fd=fd,
         workers=settings.workers,
+        # The bounds on what a client may send (moxy.server); its workers read them from MOXY_* like the app.
+        http=BoundedHttpToolsProtocol,
+        timeout_keep_alive=settings.keepalive_timeout,
         access_log=False,
         server_header=False,
         proxy_headers=False,

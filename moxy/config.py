@@ -62,6 +62,17 @@ class Settings(BaseSettings):
     purge_token: SecretStr | None = None
     access_log: bool = True
 
+    # -- what one client may send (moxy.server): past these Moxy answers 414/431/408/503 and closes the connection.
+    # A signed URL is about 4/3 of its upstream URL (base64) plus ~50 bytes, so 16 KiB leaves room for any upstream URL
+    # up to 12 KiB, past the 8 KiB request line that nginx and Apache accept by default; camo's hex form doubles a URL.
+    max_url_bytes: int = Field(default=16 * 1024, ge=1024)
+    # nginx's default (4 buffers of 8 KiB) and room for what browsers and a CDN in front add; Moxy reads few headers.
+    max_header_bytes: int = Field(default=32 * 1024, ge=1024)
+    max_header_fields: int = Field(default=100, ge=8)  # Apache's LimitRequestFields
+    head_timeout: float = Field(default=10.0, gt=0)  # from accept, or a head's first byte, to its end
+    keepalive_timeout: int = Field(default=5, ge=1)  # idle time between requests on one connection
+    max_connections: int = Field(default=1000, ge=0)  # per worker, counting idle ones; 0: no limit
+
     # -- upstream
     connect_timeout: float = Field(default=5.0, gt=0)
     read_timeout: float = Field(default=10.0, gt=0)

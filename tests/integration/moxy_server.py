@@ -1,4 +1,4 @@
-"""Moxy under real uvicorn in a child process, on an ephemeral port bound by the test (no port race)."""
+"""Moxy (`moxy serve`, real uvicorn) in a child process, on an ephemeral port bound by the test (no port race)."""
 
 from __future__ import annotations
 
@@ -52,8 +52,12 @@ class MoxyServer:
             }
         )
         env.update({f"MOXY_{name.upper()}": str(value) for name, value in self.settings.items()})
-        command = [sys.executable, "-m", "uvicorn", "--factory", self.app, "--fd", str(listener.fileno())]
-        command += ["--workers", str(self.workers), "--log-level", "warning", "--no-access-log"]
+        # The product command itself, so every integration test runs what `moxy serve` builds (its client bounds
+        # included), on the socket bound above.
+        command = [sys.executable, "-m", "moxy", "serve", "--fd", str(listener.fileno())]
+        command += ["--workers", str(self.workers)]
+        if self.app != "moxy.app:create_app":
+            command += ["--app", self.app]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(command, env=env, pass_fds=[listener.fileno()], stderr=log, stdout=log)
         listener.close()

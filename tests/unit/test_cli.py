@@ -24,6 +24,7 @@ from click.testing import CliRunner, Result
 
 from moxy import __version__
 from moxy.cli import ensure_key_file, main, new_key
+from moxy.server import BoundedHttpToolsProtocol
 from moxy.signing import Signer
 
 KEY = "k3y-for-tests-0123456789abcdef"
@@ -35,8 +36,9 @@ URLS = [
     pytest.param("https://example.com/a%20b/%E2%9C%93.png?q=%2F%3F%26", id="percent-encoded"),
     pytest.param("https://example.com/café/ñandú.png?q=日本語", id="non-ascii"),
 ]
-# serve copies given flags into the environment for its workers; these are restored after each test.
-SERVE_WRITES = ("MOXY_HOST", "MOXY_PORT", "MOXY_WORKERS")
+# serve copies given flags (and, for several workers, the metrics folder) into the environment for its workers;
+# these are restored after each test, so no later test (or Moxy it starts) inherits them.
+SERVE_WRITES = ("MOXY_HOST", "MOXY_PORT", "MOXY_WORKERS", "PROMETHEUS_MULTIPROC_DIR")
 
 
 @pytest.fixture(autouse=True)
@@ -354,6 +356,42 @@ def test_serve_passes_settings_to_uvicorn(uvicorn_calls: list[dict[str, Any]]) -
     # Workers rebuild Settings from the environment, so the flags must have been copied there.
     assert os.environ["MOXY_PORT"] == "9123" and os.environ["MOXY_WORKERS"] == "2"
     assert KEY not in result.stdout + result.stderr
+
+
+def test_serve_runs_moxys_bounded_protocol_with_the_configured_limits(uvicorn_calls: list[dict[str, Any]]) -> None:
+    env = {"MOXY_KEY": KEY, "MOXY_KEEPALIVE_TIMEOUT": "7"}
+    result = run("serve", env=env)
+    assert result.exit_code == 0, result.stderr
+    call = uvicorn_calls[0]
+    assert call["http"] is BoundedHttpToolsProtocol
+    assert call["timeout_keep_alive"] == 7
+    assert call["fd"] is None
+
+
+def test_serve_on_an_inherited_socket(uvicorn_calls: list[dict[str, Any]]) -> None:
+    result = run("serve", "--fd", "3", env={"MOXY_KEY": KEY})
+    assert result.exit_code == 0, result.stderr
+    assert uvicorn_calls[0]["fd"] == 3
+    assert "serving on the inherited socket 3" in result.stderr
+
+
+def test_serve_app_is_a_hidden_seam_for_tests(uvicorn_calls: list[dict[str, Any]]) -> None:
+    result = run("serve", "--app", "tests.integration.seams:slow_commit_app", env={"MOXY_KEY": KEY})
+    assert result.exit_code == 0, result.stderr
+    assert uvicorn_calls[0]["app"] == "tests.integration.seams:slow_commit_app"
+    assert "--app" not in run("serve", "--help").stdout
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("MOXY_MAX_URL_BYTES", "100"), ("MOXY_MAX_HEADER_FIELDS", "0"), ("MOXY_HEAD_TIMEOUT", "0")],
+)
+def test_serve_refuses_a_bound_that_would_refuse_every_client(
+    uvicorn_calls: list[dict[str, Any]], name: str, value: str
+) -> None:
+    line = one_line_error(run("serve", env={"MOXY_KEY": KEY, name: value}), 2)
+    assert f"{name}:" in line
+    assert uvicorn_calls == []
 
 
 def test_serve_init_key_creates_a_private_key_file(uvicorn_calls: list[dict[str, Any]], tmp_path: Path) -> None:
