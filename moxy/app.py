@@ -25,7 +25,7 @@ from starlette.types import Receive, Scope, Send
 from moxy import __version__
 from moxy.accesslog import path_digest, write_access
 from moxy.cache import DiskStorage, MemoryStorage, Storage, TieredStorage
-from moxy.cache.disk import DiskWatcher
+from moxy.cache.disk import DiskWatcher, fault_kind
 from moxy.cache.freshness import FreshnessRules
 from moxy.cache.purges import PurgeLog
 from moxy.config import Settings, load_settings
@@ -301,6 +301,7 @@ def create_app(settings: Settings | None = None) -> MoxyApp:
             host_queue_timeout=settings.upstream_queue_timeout,
             breaker_failures=settings.upstream_breaker_failures,
             breaker_cooldown=settings.upstream_breaker_cooldown,
+            on_spool_failure=lambda exc: metrics.disk_failures.labels(operation="spool", error=fault_kind(exc)).inc(),
         )
         state["proxy"] = Proxy(
             signer=signer,

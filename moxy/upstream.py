@@ -603,6 +603,7 @@ class Upstream:
         breaker_failures: int = 5,
         breaker_cooldown: float = 10.0,
         ca_file: Path | None = None,
+        on_spool_failure: Callable[[OSError], None] | None = None,
     ) -> None:
         self.policy = policy
         # The system's trust store, plus the operator's extra CAs (MOXY_UPSTREAM_CA_FILE): added, never replacing
@@ -624,6 +625,7 @@ class Upstream:
         self.memory_body_bytes = memory_body_bytes
         self.resolver: Resolver = resolver if resolver is not None else default_resolver
         self._transport = transport
+        self._on_spool_failure = on_spool_failure
         # The pool itself is unbounded: a shared bound is what let slow hosts starve the others. Each host gets a
         # fair share instead, and the total is bounded by the requests the server admits (one fetch per key).
         self.gate = HostGate(
@@ -763,7 +765,9 @@ class Upstream:
         storable = 200 <= status < 300
         limit = self.max_body_bytes if storable else min(self.max_body_bytes, ERROR_BODY_BYTES)
         # An error page sample (<= ERROR_BODY_BYTES) is small enough to stay in memory whatever the threshold.
-        sink = _BodySink(self.spool_dir, self.memory_body_bytes if storable else ERROR_BODY_BYTES)
+        sink = _BodySink(
+            self.spool_dir, self.memory_body_bytes if storable else ERROR_BODY_BYTES, self._on_spool_failure
+        )
         complete = False
         try:
             if storable and declared is not None and not coded and not no_body and declared > limit:

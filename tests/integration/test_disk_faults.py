@@ -232,6 +232,8 @@ def test_full_cache_folder_serves_counts_reports_and_recovers(
     assert ready.status_code == 200
     assert ready.json() == {"status": "ready", "degraded": ["cache-dir"]}
     assert metric(moxy, "moxy_disk_failures_total", operation="put", error="full") >= 4
+    # The two large bodies and the huge one could not be spooled: counted as the spool's own failures.
+    assert metric(moxy, "moxy_disk_failures_total", operation="spool", error="full") >= 3
     assert metric(moxy, "moxy_requests_total", status="200", cache="MISS") == 4
     assert metric(moxy, "moxy_requests_total", status="500") == 0
     failed = events(moxy, "cache-dir-failed")
