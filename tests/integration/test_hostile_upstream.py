@@ -266,16 +266,18 @@ class HealthProbe:
 
     def _run(self) -> None:
         with httpx.Client(timeout=5) as client:
-            while not self._stop.wait(0.1):
+            # Probe first, then every 100 ms until the block ends: even a quick block gets one probe.
+            while True:
                 started = time.monotonic()
                 try:
                     status = client.get(self.url).status_code
+                    self.latencies.append(time.monotonic() - started)
+                    if status != 200:
+                        self.failures.append(f"status {status}")
                 except httpx.HTTPError as exc:
                     self.failures.append(repr(exc))
-                    continue
-                self.latencies.append(time.monotonic() - started)
-                if status != 200:
-                    self.failures.append(f"status {status}")
+                if self._stop.wait(0.1):
+                    return
 
     def __enter__(self) -> HealthProbe:
         self._thread.start()
