@@ -145,6 +145,10 @@ def serve(
         if ensure_key_file(settings.key_file):
             click.echo(f"moxy: generated a new key in {settings.key_file}", err=True)
     signer = _signer(settings)  # a missing or short key stops start-up here, with one line
+    try:
+        settings.check()  # the checks that touch the world (files it must read), before the banner
+    except ConfigError as exc:
+        _fail(str(exc), 2)
     _print_welcome(settings, signer, fd)
     # Worker processes rebuild Settings from the environment, so given flags travel there.
     for name, value in flags.items():

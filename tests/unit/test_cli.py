@@ -336,6 +336,12 @@ def test_version() -> None:
         pytest.param((), {"MOXY_KEY": KEY, "MOXY_ALLOWED_NETWORKS": "10.0.0.0/40"}, "MOXY_ALLOWED_NETWORKS", id="net"),
         pytest.param((), {"MOXY_KEY": KEY, "MOXY_FORWARD_HEADERS": "Cookie"}, "MOXY_FORWARD_HEADERS", id="cookie"),
         pytest.param((), {"MOXY_KEY": KEY, "MOXY_TTL_MIN": "9", "MOXY_TTL_MAX": "1"}, "MOXY_TTL_MIN", id="ttl"),
+        pytest.param(
+            (), {"MOXY_KEY": KEY, "MOXY_UPSTREAM_CA_FILE": "missing-ca.pem"}, "MOXY_UPSTREAM_CA_FILE", id="ca-file"
+        ),
+        pytest.param(
+            (), {"MOXY_KEY": KEY, "MOXY_UPSTREAM_CA_FILE": "pyproject.toml"}, "MOXY_UPSTREAM_CA_FILE", id="ca-not-pem"
+        ),
     ],
 )
 def test_serve_with_a_bad_setting_exits_2_before_uvicorn(
