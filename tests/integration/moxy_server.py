@@ -16,6 +16,12 @@ import httpx
 from moxy.signing import Signer
 
 TEST_KEY = "integration-test-key-0123456789"
+# What a fault of Moxy's own code leaves in its log (moxy.app's record, uvicorn's report of an escaped exception).
+INTERNAL_ERROR_SIGNS = (
+    '"event":"internal-error"',
+    "Exception in ASGI application",
+    "Traceback (most recent call last)",
+)
 
 
 class MoxyServer:
@@ -89,6 +95,18 @@ class MoxyServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=5)
+        self.assert_no_internal_errors()
+
+    def internal_errors(self) -> list[str]:
+        """Log lines that show a fault of Moxy's own code: its internal-error record, or an exception that
+        reached the server (a 500 or a broken answer)."""
+        return [line for line in self.log().splitlines() if any(sign in line for sign in INTERNAL_ERROR_SIGNS)]
+
+    def assert_no_internal_errors(self) -> None:
+        # Every integration test doubles as a check that Moxy itself caused no 5xx: whatever the test provoked,
+        # a bug shows here even when the answer the test looked at was fine.
+        found = self.internal_errors()
+        assert not found, "Moxy's own code failed:\n" + "\n".join(line[:2000] for line in found[:5])
 
     def peak_rss_kib(self) -> int:
         assert self.process is not None
