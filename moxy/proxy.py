@@ -21,6 +21,7 @@ from moxy.cache import Storage
 from moxy.cache.entry import BodyFile, Entry, make_key
 from moxy.cache.freshness import Decision, FreshnessRules, assess, current_age, decide, is_storable, usable_on_error
 from moxy.cache.purges import PurgeLog
+from moxy.cache.vary import normalise
 from moxy.errors import DestinationRefused, ExpiredURL, MoxyError, UpstreamError, VerificationError
 from moxy.fields import valid_field_value
 from moxy.policy import DestinationPolicy
@@ -48,6 +49,10 @@ STORED_HEADERS = frozenset(
 )
 HEAD_SAMPLE_BYTES = 64 * 1024
 UNCACHEABLE_MARK_SECONDS = 5.0
+# The bytes each worker may spend remembering failures and uncacheable answers (each kind).
+MARKS_BYTES = 16 * 1024 * 1024
+# What one remembered key costs besides its own characters: the dict slot, the TTL link, the small record.
+_MARK_OVERHEAD = 256
 # Bodies from this size on are hashed and validated in a worker thread (hashlib and orjson release no GIL
 # for long, but the event loop keeps answering hits between their slices).
 OFFLOAD_BYTES = 256 * 1024
@@ -87,6 +92,16 @@ class OpenBody:
 
 
 Body = bytes | OpenBody
+
+
+@dataclass(frozen=True, slots=True)
+class _Remembered:
+    """A failed fetch, answered again without asking the upstream until `until`."""
+
+    until: float
+    error: UpstreamError
+    status: int | None
+    size: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,10 +172,14 @@ class Proxy:
         self.purges = purges
         self._inflight: dict[str, asyncio.Task[Outcome]] = {}
         self._background: set[asyncio.Task[Outcome]] = set()
-        self._negative: TTLCache[str, tuple[float, UpstreamError, int | None]] = TTLCache(
-            maxsize=100_000, ttl=max(negative_ttl, 0.001), timer=clock
+        # Both are bounded in bytes, not items: a key holds the upstream URL (up to the request-line bound), and
+        # the keys are chosen by whoever can get URLs signed. Each item costs its key plus a small overhead.
+        self._negative: TTLCache[str, _Remembered] = TTLCache(
+            maxsize=MARKS_BYTES, ttl=max(negative_ttl, 0.001), timer=clock, getsizeof=lambda mark: mark.size
         )
-        self._uncacheable: TTLCache[str, bool] = TTLCache(maxsize=100_000, ttl=UNCACHEABLE_MARK_SECONDS, timer=clock)
+        self._uncacheable: TTLCache[str, int] = TTLCache(
+            maxsize=MARKS_BYTES, ttl=UNCACHEABLE_MARK_SECONDS, timer=clock, getsizeof=lambda size: size
+        )
 
     # -- the flow ---------------------------------------------------------------
 
@@ -192,8 +211,8 @@ class Proxy:
             if served is not None:
                 return served
         remembered = self._negative.get(key)
-        if remembered is not None and remembered[0] > now:
-            _, error, status = remembered
+        if remembered is not None and remembered.until > now:
+            error, status = remembered.error, remembered.status
             if entry is not None and usable_on_error(entry, now):
                 served = await self._serve(entry, CacheResult.STALE, now, reason=error.reason)
                 if served is not None:
@@ -202,10 +221,10 @@ class Proxy:
         return await self._coalesced(key, url, forwarded, entry)
 
     def forwarded_headers(self, headers: Mapping[str, str]) -> dict[str, str]:
-        """The allowlisted client headers, whitespace-normalised: they go upstream and into the cache key."""
+        """The allowlisted client headers, normalised (Accept to its class): they go upstream and into the key."""
         chosen: dict[str, str] = {}
         for name in self.forward_headers:
-            value = " ".join((headers.get(name) or "").split())
+            value = normalise(name, headers.get(name) or "")
             # Blank, or holding bytes outside the field grammar (RFC 9110 §5.5) that an upstream engine refuses to
             # send: read as absent, so such a request shares the plain variant instead of making (or failing) its own.
             if value and valid_field_value(value):
@@ -268,7 +287,7 @@ class Proxy:
         if key in self._inflight:
             return
         remembered = self._negative.get(key)
-        if remembered is not None and remembered[0] > self.clock():
+        if remembered is not None and remembered.until > self.clock():
             return  # the last refresh failed moments ago: do not hammer a broken upstream
         task = self._start(key, url, forwarded, stale)
         self._background.add(task)
@@ -369,7 +388,7 @@ class Proxy:
         )
         storable = is_storable(status, response.headers)
         if not storable:
-            self._uncacheable[key] = True
+            self._uncacheable[key] = len(key) + _MARK_OVERHEAD
         if storable and store:
             await self.storage.put(entry)
             self._negative.pop(key, None)
@@ -423,7 +442,7 @@ class Proxy:
     ) -> Outcome:
         now = self.clock()
         if self.negative_ttl > 0:
-            self._negative[key] = (now + self.negative_ttl, error, status)
+            self._negative[key] = _Remembered(now + self.negative_ttl, error, status, len(key) + _MARK_OVERHEAD)
         if stale is not None and usable_on_error(stale, now):
             # The reason Moxy exists: a bad answer never replaces the good copy, which keeps being served.
             served = await self._serve(stale, CacheResult.STALE, now, reason=error.reason)
