@@ -124,7 +124,7 @@ def _print_welcome(settings: Settings, signer: Signer, fd: int | None = None) ->
 @main.command()
 @click.option("--host", help="Interface to listen on [MOXY_HOST].")
 @click.option("--port", type=int, help="Port to listen on [MOXY_PORT].")
-@click.option("--workers", type=int, help="Worker processes [MOXY_WORKERS].")
+@click.option("--workers", help="Worker processes, or 'auto' for one per core [MOXY_WORKERS].")
 @click.option(
     "--fd", type=click.IntRange(min=0), help="Serve on this inherited listening socket instead of --host/--port."
 )
@@ -132,7 +132,7 @@ def _print_welcome(settings: Settings, signer: Signer, fd: int | None = None) ->
 # The app factory uvicorn loads in each worker; the integration tests wrap the real one to widen a crash window.
 @click.option("--app", "app_factory", default="moxy.app:create_app", hidden=True)
 def serve(
-    host: str | None, port: int | None, workers: int | None, fd: int | None, init_key: bool, app_factory: str
+    host: str | None, port: int | None, workers: str | None, fd: int | None, init_key: bool, app_factory: str
 ) -> None:
     """Run the proxy."""
     import uvicorn

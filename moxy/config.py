@@ -7,6 +7,7 @@ first-start key are made by the composition roots (`app.create_app`, `cli serve`
 from __future__ import annotations
 
 import ipaddress
+import os
 import ssl
 from pathlib import Path
 from typing import Annotated, Any
@@ -126,6 +127,14 @@ class Settings(BaseSettings):
                 host = f"[{host}]"
             return {**data, "base_url": f"http://{host}:{data.get('port') or 8080}"}
         return data
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _resolve_auto_workers(cls, value: Any) -> Any:
+        # "auto": one worker per core this process may run on (a container's CPU set, not the host's count).
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+        return value
 
     @field_validator("base_url")
     @classmethod

@@ -305,3 +305,13 @@ def test_masked_leaves_unset_secrets_empty() -> None:
     shown = load_settings().masked()
     assert shown["MOXY_KEY"] is None
     assert shown["MOXY_PURGE_TOKEN"] is None
+
+
+@pytest.mark.parametrize("given", ["auto", "AUTO", " auto "])
+def test_workers_auto_is_one_per_available_core(monkeypatch: pytest.MonkeyPatch, given: str) -> None:
+    import os
+
+    monkeypatch.setenv("MOXY_WORKERS", given)
+    expected = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    assert load_settings().workers == expected
+    assert load_settings(workers="3").workers == 3, "a flag still wins"
