@@ -50,7 +50,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="MOXY_", extra="forbid", frozen=True, validate_default=True)
 
-    # -- keys and URLs (DESIGN section 1)
+    # -- keys and URLs
     key: SecretStr | None = None
     key_file: Path | None = None
     camo_key: SecretStr | None = None
@@ -92,7 +92,7 @@ class Settings(BaseSettings):
     upstream_breaker_failures: int = Field(default=5, ge=1)
     upstream_breaker_cooldown: float = Field(default=10.0, gt=0)
 
-    # -- cache (DESIGN section 4)
+    # -- cache
     cache_dir: Path = Path("var/cache")
     memory_cache_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
     memory_max_entry_bytes: int = Field(default=2 * 1024 * 1024, ge=0)
@@ -106,7 +106,7 @@ class Settings(BaseSettings):
     negative_ttl: int = Field(default=10, ge=0)
     lock_timeout: float = Field(default=30.0, gt=0)
 
-    # -- validation (DESIGN section 5)
+    # -- validation
     content_types: CommaList = DEFAULT_CONTENT_TYPES
     rules_file: Path | None = None
     validators: CommaList = ()

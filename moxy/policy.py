@@ -186,7 +186,7 @@ class Target:
 
 @dataclass(frozen=True, slots=True)
 class DestinationPolicy:
-    """Which destinations Moxy may fetch from (DESIGN section 3 step 2).
+    """Which destinations Moxy may fetch from, checked before every fetch and again on every redirect hop.
 
     Host patterns are shell globs matched case-insensitively against the normalised host, trailing dot
     ignored. `*` also matches dots, so `*.example.com` matches every subdomain at any depth but not

@@ -1,7 +1,7 @@
-"""User validation rules (DESIGN §5): the rules-file format, RFC 6901 JSON pointers and media-type patterns.
+"""User validation rules: the rules-file format, RFC 6901 JSON pointers and the checks they drive.
 
 Pure: the caller reads the file and passes its text; nothing here touches the disk, the clock or the environment.
-`moxy.validation` applies these rules; this module sits below it and imports only `moxy.errors`.
+`moxy.validation` applies these rules; this module sits below it and imports only `moxy.errors` and `moxy.media`.
 """
 
 from __future__ import annotations
@@ -16,15 +16,14 @@ from fnmatch import fnmatchcase
 from typing import Any, Literal
 
 from moxy.errors import ConfigError
+from moxy.media import MediaPatterns, media_pattern_problem
 
 __all__ = [
     "MISSING",
     "Check",
-    "MediaPatterns",
     "Rule",
     "Rules",
     "json_equal",
-    "media_pattern_problem",
     "parse_pointer",
     "parse_rules",
     "resolve_pointer",
@@ -40,49 +39,6 @@ class _Missing(enum.Enum):
 MISSING = _Missing.MISSING
 """What `resolve_pointer` answers when the pointer names nothing, and the "not set" value of a check's conditions
 (JSON `null` is a legitimate value to compare with, so `None` cannot mean "not set")."""
-
-
-# -- media-type patterns ------------------------------------------------------------------------
-
-# RFC 9110 §5.6.2 token characters, lowercased, plus `*` for the wildcards of the allowlist.
-_PATTERN = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+/[!#$%&'*+.^_`|~0-9a-z-]+")
-
-# Markup a browser would render as a page. Only a literal entry in an allowlist admits these: a broad
-# wildcard such as "text/*" or "*/*" must never turn Moxy into an HTML host by accident (DESIGN §5).
-_MARKUP = frozenset({"text/html", "application/xhtml+xml"})
-
-
-def media_pattern_problem(pattern: str) -> str | None:
-    """Why `pattern` is not a usable allowlist entry ("image/png", "image/*", "application/*+json"), or None."""
-    if _PATTERN.fullmatch(pattern) is None:
-        return f"{pattern!r} is not a media type pattern like 'image/png', 'image/*' or 'application/*+json'"
-    return None
-
-
-class MediaPatterns:
-    """An allowlist of media types with `*` wildcards; matching takes the essence ("type/subtype", lowercase)."""
-
-    __slots__ = ("_exact", "_globs", "_memo", "patterns")
-
-    def __init__(self, patterns: Sequence[str]) -> None:
-        self.patterns = tuple(pattern.strip().lower() for pattern in patterns)
-        self._exact = frozenset(pattern for pattern in self.patterns if "*" not in pattern)
-        self._globs = tuple(pattern for pattern in self.patterns if "*" in pattern)
-        self._memo: dict[str, bool] = {}
-
-    def allows(self, essence: str) -> bool:
-        known = self._memo.get(essence)
-        if known is None:
-            known = essence in self._exact or (
-                essence not in _MARKUP and any(fnmatchcase(essence, glob) for glob in self._globs)
-            )
-            if len(self._memo) >= 1024:  # upstreams choose these strings: keep the memo bounded
-                self._memo.clear()
-            self._memo[essence] = known
-        return known
-
-    def __repr__(self) -> str:
-        return f"MediaPatterns({list(self.patterns)!r})"
 
 
 # -- JSON pointer (RFC 6901) ---------------------------------------------------------------------

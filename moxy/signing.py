@@ -256,7 +256,7 @@ def _iso(timestamp: int) -> str:
 
 
 def sign_url(url: str, key: str | bytes, base_url: str, *, expires_at: int | None = None) -> str:
-    """The native Moxy URL for `url` under `key` (DESIGN section 1)."""
+    """The native Moxy URL for `url` under `key` (the format README.md "Signing URLs" describes)."""
     check_signable(url)
     key_bytes = _key_bytes(key)
     if len(key_bytes) < MIN_KEY_BYTES:

@@ -42,7 +42,7 @@ class BodyFile:
 
 @dataclass(frozen=True, slots=True, weakref_slot=True)
 class Entry:
-    """One stored response: the metadata of DESIGN section 4 plus its body (bytes or a file range).
+    """One stored response: its status, kept headers and freshness metadata, plus its body (bytes or a file range).
 
     `key` is the full cache key (see make_key); backends compare it on read, so a collision of the
     hashed storage id can never serve another URL's body."""

@@ -1,7 +1,7 @@
 """The per-process memory tier: a byte-bounded LRU of small entries whose bodies are bytes.
 
 cachetools.LRUCache with getsizeof, not TTLCache: expiry would make stale copies unreachable, and a stale
-copy is exactly what stale-while-revalidate and stale-if-error need (DESIGN section 4)."""
+copy is exactly what stale-while-revalidate and stale-if-error need (RFC 5861)."""
 
 from __future__ import annotations
 

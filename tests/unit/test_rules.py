@@ -12,7 +12,6 @@ from moxy.errors import ConfigError
 from moxy.rules import (
     MISSING,
     Check,
-    MediaPatterns,
     Rules,
     json_equal,
     parse_pointer,
@@ -323,29 +322,3 @@ def test_every_matching_rule_applies_in_file_order() -> None:
         fmt="toml",
     )
     assert [rule.index for rule in rules.for_host("api.example.com")] == [0, 2]
-
-
-@pytest.mark.parametrize(
-    ("patterns", "essence", "allowed"),
-    [
-        (["image/*"], "image/png", True),
-        (["image/*"], "video/mp4", False),
-        (["*/*"], "text/html", False),
-        (["*/*", "text/html"], "text/html", True),
-        (["text/*"], "application/xhtml+xml", False),
-        (["application/*+json"], "application/vnd.api+json", True),
-        ([], "image/png", False),
-    ],
-)
-def test_media_patterns(patterns: list[str], essence: str, allowed: bool) -> None:
-    compiled = MediaPatterns(patterns)
-    assert compiled.allows(essence) is allowed
-    assert compiled.allows(essence) is allowed  # answered from the memo the second time
-
-
-def test_media_pattern_memo_stays_bounded() -> None:
-    compiled = MediaPatterns(["image/*"])
-    for number in range(3000):
-        assert compiled.allows(f"image/x-{number}")
-    assert len(compiled._memo) <= 1024
-    assert "image/*" in repr(compiled)

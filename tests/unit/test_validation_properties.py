@@ -1,5 +1,5 @@
 """Properties of the validator chain (moxy.validation): any upstream answer, however malformed, gets a verdict and
-never an exception, and no verdict of Accept breaks DESIGN section 5: only 2xx (never a 206 fragment), a non-empty
+never an exception, and no verdict of Accept breaks the chain's promises: only 2xx (never a 206 fragment), a non-empty
 body unless 204, the body length equal to an identity-coded Content-Length, within the size bound, of an allowed
 type, and for JSON a whole body that parses.
 
@@ -14,7 +14,7 @@ import orjson
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 from moxy.config import DEFAULT_CONTENT_TYPES
-from moxy.rules import MediaPatterns
+from moxy.media import MediaPatterns, is_json_type, parse_content_type, sniff
 from moxy.validation import (
     REASONS,
     Accept,
@@ -23,10 +23,7 @@ from moxy.validation import (
     ValidatorChain,
     build_chain,
     error_envelope,
-    is_json_type,
-    media_type,
     parse_rules,
-    sniff,
 )
 
 PROPERTY = settings(
@@ -260,7 +257,7 @@ def test_every_answer_gets_a_verdict_and_accepts_keep_the_contract(candidate: Ca
     if status == 204:
         return
     content_type = candidate.headers.get("content-type", "")
-    essence, problem = media_type(content_type)
+    essence, problem = parse_content_type(content_type)
     assert not problem and essence != "text/html"
     # The stored Content-Type is sent again as it is: it must be a field value a server can send (RFC 9110 §5.5).
     assert FIELD_VALUE.fullmatch(content_type), content_type
@@ -284,7 +281,7 @@ def test_needs_full_body_never_raises(content_type: str) -> None:
 @PROPERTY
 @given(st.sampled_from(CONTENT_TYPES) | st.text(max_size=20), bodies, st.booleans())
 def test_sniff_never_raises(content_type: str, head: bytes, complete: bool) -> None:
-    essence, _ = media_type(content_type)
+    essence, _ = parse_content_type(content_type)
     mismatch = sniff(essence, head, complete=complete)
     assert mismatch is None or isinstance(mismatch, str)
 
