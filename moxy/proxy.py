@@ -1,22 +1,21 @@
-"""The request flow of DESIGN section 3 as one framework-free coroutine.
+"""The request flow as one framework-free coroutine.
 
 verify -> policy -> cache lookup -> decide -> fetch (coalesced) -> validate -> store | stale-if-error -> Outcome.
-Nothing here knows Starlette or httpx; the app renders the Outcome and the upstream module does the I/O."""
+Nothing here knows Starlette or an HTTP client; the app renders the Outcome and the upstream module does the I/O."""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import time
-import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 from cachetools import TTLCache
 
+from moxy.body import Body, OpenBody, digest_bytes, digest_file, offload
 from moxy.cache import Storage
 from moxy.cache.entry import BodyFile, Entry, make_key
 from moxy.cache.freshness import Decision, FreshnessRules, assess, current_age, decide, is_storable, usable_on_error
@@ -29,9 +28,10 @@ from moxy.signing import Signer
 from moxy.upstream import UpstreamResponse
 from moxy.validation import Candidate, Reject, ValidatorChain
 
-__all__ = ["CacheResult", "Failed", "OpenBody", "Outcome", "Proxy", "ProxyRequest", "Served"]
+__all__ = ["CacheResult", "Failed", "Outcome", "Proxy", "ProxyRequest", "Served"]
 
-# Response headers kept in the cache and passed on; everything else the upstream sent is dropped (DESIGN section 6).
+# Response headers kept in the cache and passed on; everything else the upstream sent is dropped: an allowlist, so a
+# field nobody thought about (a cookie, a server banner, a debug header) never reaches a client.
 STORED_HEADERS = frozenset(
     {
         "content-type",
@@ -53,10 +53,6 @@ UNCACHEABLE_MARK_SECONDS = 5.0
 MARKS_BYTES = 16 * 1024 * 1024
 # What one remembered key costs besides its own characters: the dict slot, the TTL link, the small record.
 _MARK_OVERHEAD = 256
-# Bodies from this size on are hashed and validated in a worker thread (hashlib and orjson release no GIL
-# for long, but the event loop keeps answering hits between their slices).
-OFFLOAD_BYTES = 256 * 1024
-_T = TypeVar("_T")
 
 
 class CacheResult(StrEnum):
@@ -65,33 +61,6 @@ class CacheResult(StrEnum):
     STALE = "STALE"
     REVALIDATED = "REVALIDATED"
     BYPASS = "BYPASS"
-
-
-class OpenBody:
-    """A body held by an open file descriptor, read with pread so several responses can share it.
-
-    The file may already be unlinked (a spooled upstream body) or replaced in the cache folder; the open
-    descriptor keeps the bytes readable until the last response using it is garbage collected."""
-
-    __slots__ = ("__weakref__", "fd", "length", "offset")
-
-    def __init__(self, fd: int, offset: int, length: int) -> None:
-        self.fd = fd
-        self.offset = offset
-        self.length = length
-        weakref.finalize(self, os.close, fd)
-
-    @classmethod
-    def open(cls, path: str, offset: int, length: int) -> OpenBody:
-        return cls(os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)), offset, length)
-
-    def read(self, start: int, size: int) -> bytes:
-        """Up to `size` bytes from position `start` of the body (blocking: call it from a thread)."""
-        size = max(0, min(size, self.length - start))
-        return os.pread(self.fd, size, self.offset + start) if size else b""
-
-
-Body = bytes | OpenBody
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,13 +307,13 @@ class Proxy:
         body: Body
         if response.body is not None:
             body = response.body
-            digest = await _off_loop_when_large(len(body), lambda: hashlib.sha256(response.body or b"").hexdigest())
+            digest = await digest_bytes(body)
             sample = body
         else:
             assert response.body_path is not None
             body = await asyncio.to_thread(OpenBody.open, response.body_path, 0, response.length)
             full = self.validators.needs_full_body(response.headers.get("content-type", ""))
-            sample, digest = await asyncio.to_thread(_read_and_digest, body, None if full else HEAD_SAMPLE_BYTES)
+            sample, digest = await digest_file(body, None if full else HEAD_SAMPLE_BYTES)
         candidate = Candidate(
             url=url,
             host=self.policy.check_url(url).host,
@@ -355,7 +324,7 @@ class Proxy:
             declared_length=response.declared_length,
             complete_body=len(sample) == response.length,
         )
-        verdict = await _off_loop_when_large(len(sample), lambda: self.validators.validate(candidate))
+        verdict = await offload(len(sample), lambda: self.validators.validate(candidate))
         if isinstance(verdict, Reject):
             if self.on_rejection is not None:
                 self.on_rejection(verdict.reason, url)
@@ -462,31 +431,6 @@ class Proxy:
         else:
             body = entry.body
         return Served(entry, body, cache, age=current_age(entry, now), reason=reason)
-
-
-async def _off_loop_when_large(size: int, work: Callable[[], _T]) -> _T:
-    """Run CPU work over a body in a thread once it is big enough to stall other requests (a 5 MB JSON
-    document takes tens of milliseconds to parse); small bodies stay inline, where a thread hop costs more."""
-    if size < OFFLOAD_BYTES:
-        return work()
-    return await asyncio.to_thread(work)
-
-
-def _read_and_digest(body: OpenBody, sample_size: int | None) -> tuple[bytes, str]:
-    """Hash the whole body and return its first `sample_size` bytes (all of it when None)."""
-    digest = hashlib.sha256()
-    sample = bytearray()
-    position = 0
-    chunk = 1024 * 1024
-    while position < body.length:
-        data = body.read(position, chunk)
-        if not data:
-            break
-        digest.update(data)
-        if sample_size is None or len(sample) < sample_size:
-            sample += data if sample_size is None else data[: sample_size - len(sample)]
-        position += len(data)
-    return bytes(sample), digest.hexdigest()
 
 
 def _unlink_quietly(path: str) -> None:

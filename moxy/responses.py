@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from moxy.body import OpenBody
 from moxy.cache import Entry
 from moxy.cache.freshness import parse_http_date
 from moxy.errors import (
@@ -27,7 +28,7 @@ from moxy.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from moxy.proxy import OpenBody, Served
+from moxy.proxy import Served
 
 __all__ = [
     "SECURITY_HEADERS",

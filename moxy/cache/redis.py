@@ -7,7 +7,6 @@ Redis being down or slow is a miss (get) or a no-op (put, touch, delete), never 
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 
@@ -15,18 +14,13 @@ import anyio.to_thread
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from moxy.body import digest_bytes
 from moxy.cache.entry import BodyFile, CorruptEntry, Entry, decode_entry, encode_entry, storage_id
 from moxy.cache.freshness import current_age
 
 __all__ = ["RedisStorage"]
 
 MiB = 1024 * 1024
-# Hashing more than this runs in a thread, off the event loop.
-HASH_IN_THREAD = 256 * 1024
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _read_range(body: BodyFile) -> bytes:
@@ -85,7 +79,7 @@ class RedisStorage:
             return None
         if entry.key != key or len(body) != entry.length:
             return None  # another key sharing the storage id, or a body of another version
-        digest = await anyio.to_thread.run_sync(_sha256, body) if len(body) > HASH_IN_THREAD else _sha256(body)
+        digest = await digest_bytes(body)
         if digest != entry.digest:
             return None
         return entry.with_body(body)

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import orjson
 import pytest
 
+from moxy.body import OFFLOAD_BYTES, OpenBody
 from moxy.cache import DiskStorage, MemoryStorage, Storage, make_key
 from moxy.cache.entry import Entry
 from moxy.cache.freshness import FreshnessRules
@@ -25,7 +26,7 @@ from moxy.cache.purges import PurgeLog
 from moxy.cache.vary import JSON as ACCEPT_JSON_CLASS
 from moxy.errors import BadSignature, DestinationRefused, ExpiredURL, UpstreamError, UpstreamTimeout
 from moxy.policy import DestinationPolicy
-from moxy.proxy import OFFLOAD_BYTES, CacheResult, Failed, OpenBody, Outcome, Proxy, ProxyRequest, Served
+from moxy.proxy import CacheResult, Failed, Outcome, Proxy, ProxyRequest, Served
 from moxy.signing import Signer
 from moxy.upstream import UpstreamResponse
 from moxy.validation import ACCEPT, Candidate, Verdict, build_chain
