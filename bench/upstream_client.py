@@ -119,15 +119,11 @@ async def measure(requests: int, rounds: int) -> Results:
             }
             moxy_aiohttp = Upstream(**options)  # type: ignore[arg-type]
             limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-            moxy_httpx = Upstream(**options, transport=httpx.AsyncHTTPTransport(limits=limits))  # type: ignore[arg-type]
             session = aiohttp.ClientSession()
             client = httpx.AsyncClient(limits=limits, trust_env=False)
 
             async def via_moxy_aiohttp(target: str) -> int:
                 return (await moxy_aiohttp.fetch(target, {"Accept": "*/*"})).length
-
-            async def via_moxy_httpx(target: str) -> int:
-                return (await moxy_httpx.fetch(target, {"Accept": "*/*"})).length
 
             async def via_aiohttp(target: str) -> int:
                 async with session.get(target) as response:
@@ -138,7 +134,6 @@ async def measure(requests: int, rounds: int) -> Results:
 
             clients: dict[str, Fetch] = {
                 "Upstream (aiohttp engine)": via_moxy_aiohttp,
-                "Upstream (httpx transport)": via_moxy_httpx,
                 "bare aiohttp.ClientSession": via_aiohttp,
                 "bare httpx.AsyncClient": via_httpx,
             }
@@ -152,7 +147,6 @@ async def measure(requests: int, rounds: int) -> Results:
                         results.setdefault((name, concurrency), []).append(rate)
             medians = {name: {c: statistics.median(results[(name, c)]) for c in CONCURRENCY} for name in clients}
             await moxy_aiohttp.aclose()
-            await moxy_httpx.aclose()
             await session.close()
             await client.aclose()
             return medians

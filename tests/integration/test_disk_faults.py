@@ -25,8 +25,8 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from moxy.body import Spool as _BodySink
 from moxy.errors import UpstreamError
-from moxy.upstream import _BodySink
 from tests.integration.moxy_server import MoxyServer
 from tests.integration.origin import Origin, Reply
 

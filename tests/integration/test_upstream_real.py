@@ -114,6 +114,47 @@ async def test_gzip_decoded_and_headers_clean(tmp_path: Path, origin: Origin) ->
     assert "cookie" not in sent
 
 
+async def test_only_the_forwarded_headers_reach_the_wire(tmp_path: Path, origin: Origin) -> None:
+    # The engine adds Host and framing, never a default Accept (it would not be in the cache key) or a cookie.
+    origin.route("/h", Reply(body=b"ok"))
+    given = {
+        "Cookie": "session=1",
+        "Authorization": "Bearer x",
+        "Proxy-Authorization": "Basic y",
+        "Connection": "keep-alive, X-Secret",
+        "User-Agent": "curl/8",
+        "Host": "other.test",
+    }
+    response = await fetch(make(tmp_path), origin.url("/h"), given)
+    assert response.body == b"ok"
+    sent = origin.requests[-1].headers
+    assert sent["host"] == f"127.0.0.1:{origin.port}"
+    assert sent["user-agent"] == "Moxy/test"
+    assert sent["via"] == "1.1 moxy"
+    for never in ("accept", "cookie", "authorization", "proxy-authorization", "x-secret"):
+        assert never not in sent
+
+
+async def test_engine_built_once_and_again_after_close(tmp_path: Path, origin: Origin) -> None:
+    origin.route("/e", Reply(body=b"e"))
+    upstream = make(tmp_path)
+    assert upstream.ssl_context is not None  # the built engine's trust store
+    try:
+        await upstream.fetch(origin.url("/e"), {})
+        engine = upstream._engine
+        assert engine is not None
+        await upstream.fetch(origin.url("/e"), {})
+        assert upstream._engine is engine
+        await upstream.aclose()
+        assert upstream._engine is None
+        await upstream.aclose()  # idempotent
+        assert (await upstream.fetch(origin.url("/e"), {})).body == b"e"
+        assert upstream._engine is not None and upstream._engine is not engine
+    finally:
+        await upstream.aclose()
+    assert origin.hits("/e") == 3
+
+
 async def test_conditional_request_returns_304(tmp_path: Path, origin: Origin) -> None:
     origin.route("/img", Reply(body=b"png", headers={"ETag": '"v7"', "Cache-Control": "max-age=60"}))
     response = await fetch(make(tmp_path), origin.url("/img"), {"If-None-Match": '"v7"'})

@@ -1,9 +1,10 @@
-"""The upstream fetcher: the only room that speaks HTTP to the outside world (httpx and aiohttp live here only).
+"""The upstream fetcher: redirects, the destination policy on every hop, header hygiene and the body size cap,
+over an HTTP engine it is given. Imports no HTTP library itself; the production engine is `moxy.upstream.aiohttp`.
 
 Every hop of a fetch (the first URL and each redirect) passes the destination policy, is resolved by the injected
-resolver, and is connected to exactly the addresses the policy accepted: no DNS lookup happens after the check.
-The engine underneath is aiohttp (about 15x faster than httpx's pool on the miss path, see PERF.md); an injected
-httpx transport replaces it, which is how the unit tests drive the fetcher without sockets.
+resolver, and is handed to the engine with exactly the addresses the policy accepted: no DNS lookup happens after
+the check. Without an injected `Engine`, the aiohttp one is built lazily inside the running loop (aiohttp is the
+faster client on the miss path; `bench/upstream_client.py` measures it against the bare clients).
 
 Failures are raised as `UpstreamError(reason)` / `UpstreamTimeout(reason)` with one of the short, stable reason
 codes below (they become metrics labels); statuses, including 304 and 4xx/5xx, are returned, not raised."""
@@ -12,13 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import importlib.util
 import ipaddress
-import os
 import socket
 import ssl
-import tempfile
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,23 +24,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urljoin, urlsplit
 
-import aiohttp
-import httpx
-import yarl
-from aiohttp.abc import AbstractResolver, ResolveResult
-
+from moxy.body import MEMORY_BODY_BYTES, Spool
 from moxy.errors import MoxyError, UpstreamError, UpstreamTimeout
 from moxy.fields import OWS, valid_field_name, valid_field_value
 from moxy.hosts import HostBusy, HostGate, HostUnavailable
+from moxy.upstream.aiohttp import AiohttpEngine
 
 if TYPE_CHECKING:
     from moxy.policy import DestinationPolicy
 
 __all__ = [
     "REASONS",
+    "Engine",
     "Resolver",
     "Upstream",
     "UpstreamResponse",
+    "Wire",
     "default_resolver",
 ]
 
@@ -84,8 +81,6 @@ REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 # Bodies of answers the proxy will not store (4xx/5xx, a 3xx that is not followed) are only read this far:
 # the proxy needs the status, not megabytes of an error page.
 ERROR_BODY_BYTES = 64 * 1024
-# Spooled bodies are written in batches of this size, each in a worker thread, so the loop never blocks on disk.
-SPOOL_WRITE_BYTES = 1024 * 1024
 
 # RFC 9110 §7.6.1: hop-by-hop fields, plus the names a Connection field lists (handled in _clean_response_headers).
 HOP_BY_HOP = frozenset(
@@ -93,7 +88,8 @@ HOP_BY_HOP = frozenset(
 )
 # The body handed over is decoded, so the wire's framing and coding fields no longer describe it.
 DROPPED_RESPONSE = HOP_BY_HOP | {"set-cookie", "set-cookie2", "content-encoding", "content-length"}
-# Credentials never cross (DESIGN §3.4), whatever the caller passed; Host/framing are the engine's business.
+# Credentials never cross, whatever the caller passed: an upstream must never see a client's cookies or tokens.
+# Host and framing are the engine's business.
 DROPPED_REQUEST = HOP_BY_HOP | {
     "cookie",
     "cookie2",
@@ -109,7 +105,7 @@ DROPPED_REQUEST = HOP_BY_HOP | {
 
 
 def _accept_encoding() -> str:
-    # Offer only codings both engines can decode here: brotli is optional for aiohttp and httpx alike.
+    # Offer only codings the engine can decode here: aiohttp decodes brotli only when a brotli package is installed.
     codings = ["gzip", "deflate"]
     if importlib.util.find_spec("brotli") is not None or importlib.util.find_spec("brotlicffi") is not None:
         codings.append("br")
@@ -144,17 +140,18 @@ async def default_resolver(host: str, port: int) -> list[str]:
     return list(seen)
 
 
-# -- engines -------------------------------------------------------------------------------------------------------
+# -- the engine seam ------------------------------------------------------------------------------------------
 
 
-class _Wire(Protocol):
+class Wire(Protocol):
     """One response whose head has arrived and whose body is still on the wire."""
 
     status: int
     raw_headers: list[tuple[str, str]]
 
     def chunks(self) -> AsyncGenerator[bytes, None]:
-        """Decoded body chunks; engine errors are already mapped to UpstreamError."""
+        """The body, decoded from its Content-Encoding, in pieces; nothing for HEAD, 1xx, 204 and 304. Failures are
+        raised as UpstreamError / UpstreamTimeout with a code from REASONS."""
         ...
 
     async def abort(self) -> None:
@@ -162,344 +159,16 @@ class _Wire(Protocol):
         ...
 
 
-class _Engine(Protocol):
-    async def send(self, method: str, url: str, headers: list[tuple[str, str]], pinned: list[IPAddress]) -> _Wire: ...
+class Engine(Protocol):
+    """What speaks HTTP on the wire: `moxy.upstream.aiohttp.AiohttpEngine` in production, fakes in the tests."""
+
+    async def send(self, method: str, url: str, headers: list[tuple[str, str]], pinned: list[IPAddress]) -> Wire:
+        """Send one request and return once its head has arrived. Connects only to `pinned` (the checked
+        addresses: no DNS lookup of its own), sends exactly `headers` plus Host and framing, follows no redirect.
+        Failures are raised as UpstreamError / UpstreamTimeout with a code from REASONS."""
+        ...
 
     async def aclose(self) -> None: ...
-
-
-# The addresses the policy accepted for the hop being connected right now. A context variable, not an attribute,
-# so concurrent fetches on one session never see each other's pins (aiohttp resolves inside the caller's task).
-_PINNED: contextvars.ContextVar[tuple[IPAddress, ...] | None] = contextvars.ContextVar(
-    "moxy_upstream_pinned", default=None
-)
-
-
-class _PinnedResolver(AbstractResolver):
-    """aiohttp resolver that answers only with the checked addresses of the current hop and never asks DNS."""
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        pinned = _PINNED.get()
-        if pinned is None:
-            # Fail closed: a lookup we did not check must never turn into a connection.
-            raise OSError(f"no checked address for {host!r}")
-        return [
-            {
-                "hostname": host,
-                "host": str(address),
-                "port": port,
-                "family": socket.AF_INET6 if address.version == 6 else socket.AF_INET,
-                "proto": 0,
-                "flags": socket.AI_NUMERICHOST,
-            }
-            for address in pinned
-        ]
-
-    async def close(self) -> None:
-        return None
-
-
-def _aiohttp_reason(exc: BaseException, *, in_body: bool) -> UpstreamError:
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return UpstreamTimeout("connect-timeout")
-    if isinstance(exc, aiohttp.ServerTimeoutError):
-        return UpstreamTimeout("read-timeout")
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        cause = exc.__cause__
-        if isinstance(cause, aiohttp.http_exceptions.DecompressSizeError):
-            return UpstreamError("too-large")  # a decompression bomb, stopped by aiohttp's own per-chunk limit
-        if isinstance(cause, aiohttp.http_exceptions.ContentEncodingError):
-            return UpstreamError("bad-encoding")
-        if isinstance(cause, aiohttp.http_exceptions.TransferEncodingError) and "Not enough data" not in str(cause):
-            return UpstreamError("bad-chunking")
-        return UpstreamError("truncated")
-    if isinstance(exc, aiohttp.ClientSSLError | aiohttp.ServerFingerprintMismatch):
-        return UpstreamError("tls-error")
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return UpstreamError("connect-failed")
-    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError | ConnectionError):
-        return UpstreamError("truncated" if in_body else "disconnected")
-    if isinstance(exc, aiohttp.ClientResponseError):
-        return UpstreamError("protocol-error")
-    return UpstreamError("transport-error")
-
-
-class _AiohttpWire:
-    __slots__ = ("protocol", "raw_headers", "response", "status")
-
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
-        self.response = response
-        self.status = response.status
-        self.raw_headers = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in response.raw_headers]
-        # Kept because aiohttp hands the connection back to its pool the moment the body ends.
-        connection = response.connection
-        self.protocol = connection.protocol if connection is not None else None
-
-    async def chunks(self) -> AsyncGenerator[bytes, None]:
-        content = self.response.content
-        try:
-            while True:
-                chunk = await content.readany()
-                if not chunk:
-                    break
-                yield chunk
-        except (aiohttp.ClientError, OSError) as exc:
-            raise _aiohttp_reason(exc, in_body=True) from exc
-        # Bytes past the declared Content-Length fail to parse as a next message after the body has ended
-        # cleanly; that parse failure is the only sign the upstream sent more than it announced (a length lie).
-        # Only a parse failure counts: a server that closes after a complete body (HTTP/1.0 style, or
-        # `Connection: close`) leaves a disconnect error here too, and that answer is whole.
-        if self.protocol is not None and isinstance(
-            self.protocol.exception(), aiohttp.http_exceptions.HttpProcessingError
-        ):
-            raise UpstreamError("protocol-error")
-
-    async def abort(self) -> None:
-        self.response.close()
-
-
-class _AiohttpEngine:
-    """aiohttp underneath, one pooled session, DNS replaced by the pinned resolver."""
-
-    def __init__(
-        self,
-        *,
-        connect_timeout: float,
-        read_timeout: float,
-        limit: int,
-        limit_per_host: int,
-        ssl_context: ssl.SSLContext,
-    ) -> None:
-        connector = aiohttp.TCPConnector(
-            resolver=_PinnedResolver(),
-            # The name checked against the certificate (and sent as SNI) is the URL's host, never the pinned address.
-            ssl=ssl_context,
-            use_dns_cache=False,  # a cache would answer from an earlier hop's check
-            limit=limit,
-            limit_per_host=limit_per_host,
-            enable_cleanup_closed=False,
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=read_timeout),
-            cookie_jar=aiohttp.DummyCookieJar(),  # cookies never cross, not even between upstreams
-            auto_decompress=True,
-            trust_env=False,  # no proxy from the environment may sit between us and the checked address
-            skip_auto_headers=("Accept",),  # send only what the caller forwarded: it is part of the cache key
-            raise_for_status=False,
-        )
-
-    async def send(self, method: str, url: str, headers: list[tuple[str, str]], pinned: list[IPAddress]) -> _Wire:
-        # encoded=True sends the signed URL as it is, instead of yarl's re-quoting (which could change its meaning).
-        target = yarl.URL(url, encoded=True) if url.isascii() else yarl.URL(url)
-        # Set around exactly one request (aiohttp follows no redirects here), so the pin cannot leak to another URL.
-        token = _PINNED.set(tuple(pinned))
-        try:
-            response = await self._session.request(
-                method, target, headers=headers, allow_redirects=False, read_until_eof=True
-            )
-        except (aiohttp.ClientError, OSError) as exc:
-            raise _aiohttp_reason(exc, in_body=False) from exc
-        finally:
-            _PINNED.reset(token)
-        return _AiohttpWire(response)
-
-    async def aclose(self) -> None:
-        await self._session.close()
-
-
-def _httpx_reason(exc: httpx.TransportError, *, in_body: bool) -> UpstreamError:
-    if isinstance(exc, httpx.ConnectTimeout):
-        return UpstreamTimeout("connect-timeout")
-    if isinstance(exc, httpx.TimeoutException):
-        return UpstreamTimeout("read-timeout")
-    if isinstance(exc, httpx.ConnectError):
-        return UpstreamError("connect-failed")
-    if isinstance(exc, httpx.DecodingError):
-        return UpstreamError("bad-encoding")
-    if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError):
-        return UpstreamError("truncated" if in_body else "disconnected")
-    return UpstreamError("transport-error")
-
-
-class _HttpxWire:
-    __slots__ = ("raw_headers", "response", "status")
-
-    def __init__(self, response: httpx.Response) -> None:
-        self.response = response
-        self.status = response.status_code
-        self.raw_headers = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in response.headers.raw]
-
-    async def chunks(self) -> AsyncGenerator[bytes, None]:
-        try:
-            async for chunk in self.response.aiter_bytes():
-                yield chunk
-        except httpx.DecodingError as exc:
-            raise UpstreamError("bad-encoding") from exc
-        except httpx.TransportError as exc:
-            raise _httpx_reason(exc, in_body=True) from exc
-        finally:
-            await self.response.aclose()
-
-    async def abort(self) -> None:
-        await self.response.aclose()
-
-
-class _HttpxEngine:
-    """httpx over an injected transport (tests: httpx.MockTransport). Pinning is the transport's business."""
-
-    def __init__(self, transport: httpx.AsyncBaseTransport, *, connect_timeout: float, read_timeout: float) -> None:
-        self._client = httpx.AsyncClient(
-            transport=transport,
-            follow_redirects=False,
-            trust_env=False,
-            timeout=httpx.Timeout(connect=connect_timeout, read=read_timeout, write=read_timeout, pool=None),
-        )
-        # httpx adds Accept/Accept-Encoding/User-Agent/Connection defaults; send only what fetch() decided.
-        self._client.headers.clear()
-
-    async def send(self, method: str, url: str, headers: list[tuple[str, str]], pinned: list[IPAddress]) -> _Wire:
-        request = self._client.build_request(method, url, headers=headers)
-        try:
-            response = await self._client.send(request, stream=True)
-        except httpx.TransportError as exc:
-            raise _httpx_reason(exc, in_body=False) from exc
-        except httpx.InvalidURL as exc:
-            # httpx parses a redirect's Location even when it does not follow it.
-            raise UpstreamError("bad-redirect") from exc
-        return _HttpxWire(response)
-
-    async def aclose(self) -> None:
-        await self._client.aclose()
-
-
-# -- the body --------------------------------------------------------------------------------------------------------
-
-
-class _BodySink:
-    """Holds a streaming body in memory up to `memory_limit`, then in a spool file written from a worker thread.
-
-    The spool folder lives in the cache folder and, like the disk tier, is an optimisation: when it takes no
-    writes (full, read-only, failing), the body is brought back into memory and kept there up to
-    `FALLBACK_BYTES`, so the answer is still served. A body past that bound is refused as
-    UpstreamError("spool-failed") (a 502, or the stale copy when there is one), never a 500: holding up to
-    `max_body_bytes` (50 MiB by default) per concurrent miss in memory is how a full disk would become an
-    out-of-memory kill of every request of the worker. `on_failure` hears of each spool failure."""
-
-    # 8x the usual in-memory threshold: nearly every image and font fits, and a few dozen concurrent large misses
-    # during a disk fault stay within a few hundred MiB.
-    FALLBACK_BYTES = 16 * 1024 * 1024
-
-    def __init__(self, spool_dir: Path, memory_limit: int, on_failure: Callable[[OSError], None] | None = None) -> None:
-        self._spool_dir = spool_dir
-        self._memory_limit = memory_limit
-        self._on_failure = on_failure
-        self._pending: list[bytes] = []
-        self._pending_bytes = 0
-        self.length = 0
-        self._file: tempfile._TemporaryFileWrapper[bytes] | None = None
-        self._spooled = 0  # bytes known to be in the spool file
-        self.spool_error: OSError | None = None  # set once spooling failed: the body stays in memory from then on
-
-    async def add(self, chunk: bytes) -> None:
-        self._pending.append(chunk)
-        self._pending_bytes += len(chunk)
-        self.length += len(chunk)
-        if self._file is None and self.spool_error is None and self.length > self._memory_limit:
-            try:
-                # Created inline (one quick syscall, no await): a cancellation can then never orphan the file.
-                # Unbuffered, so a failed write leaves exactly `_spooled` bytes to read back.
-                self._file = tempfile.NamedTemporaryFile(
-                    dir=self._spool_dir, prefix="moxy-spool-", delete=False, buffering=0
-                )
-            except OSError as exc:
-                await self._stop_spooling(exc, b"")
-        if self._file is not None and self._pending_bytes >= SPOOL_WRITE_BYTES:
-            await self._write_pending()
-        if self.spool_error is not None and self.length > self.FALLBACK_BYTES:
-            raise UpstreamError("spool-failed") from self.spool_error
-
-    async def _write_pending(self) -> None:
-        assert self._file is not None
-        data, self._pending, self._pending_bytes = b"".join(self._pending), [], 0
-        before = self._spooled
-        try:
-            await asyncio.to_thread(self._write_all, self._file, data)
-        except OSError as exc:
-            await self._stop_spooling(exc, data[self._spooled - before :])
-
-    def _write_all(self, file: tempfile._TemporaryFileWrapper[bytes], data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            written = file.write(view)  # raw file: may write part of it
-            self._spooled += written
-            view = view[written:]
-
-    async def _stop_spooling(self, exc: OSError, unwritten: bytes) -> None:
-        """Spooling failed: the body so far goes back into memory (within bound) and the spool file away."""
-        self.spool_error = exc
-        if self._on_failure is not None:
-            self._on_failure(exc)
-        if self.length > self.FALLBACK_BYTES:
-            raise UpstreamError("spool-failed") from exc  # the caller's discard() removes the file
-        head = b""
-        if self._file is not None:
-            try:
-                head = await asyncio.to_thread(_read_spooled, self._file.name, self._spooled)
-            except OSError as read_error:
-                raise UpstreamError("spool-failed") from read_error
-            file, self._file = self._file, None
-            await asyncio.to_thread(_close_and_unlink, file)
-        self._pending = [head, unwritten, *self._pending]
-        self._pending_bytes = sum(len(part) for part in self._pending)
-
-    async def finish(self) -> tuple[bytes | None, str | None]:
-        if self._file is not None:
-            await self._write_pending()
-        if self._file is not None:
-            try:
-                await asyncio.to_thread(self._file.close)
-            except OSError as exc:
-                await self._stop_spooling(exc, b"")
-        if self._file is None:
-            return b"".join(self._pending), None
-        return None, self._file.name
-
-    async def discard(self) -> None:
-        self._pending.clear()
-        if self._file is not None:
-            file, self._file = self._file, None
-            await asyncio.to_thread(_close_and_unlink, file)
-
-
-def _read_spooled(path: str, length: int) -> bytes:
-    parts: list[bytes] = []
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        offset = 0
-        while offset < length:
-            chunk = os.pread(fd, length - offset, offset)
-            if not chunk:
-                raise OSError(f"spool file {path} shorter than the {length} bytes written to it")
-            parts.append(chunk)
-            offset += len(chunk)
-    finally:
-        os.close(fd)
-    return b"".join(parts)
-
-
-def _close_and_unlink(file: tempfile._TemporaryFileWrapper[bytes]) -> None:
-    # The file goes even when closing it fails (a deferred write error); on a folder that turned read-only the
-    # unlink fails too, and the start-up sweep of temp files removes it later.
-    try:
-        file.close()
-    except OSError:
-        pass
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(file.name)
 
 
 # -- headers ---------------------------------------------------------------------------------------------------------
@@ -581,7 +250,9 @@ def _with_authority(url: str, authority: str) -> str:
 
 
 class Upstream:
-    """One per worker: a pooled HTTP client (created lazily inside the running loop) plus the fetch rules."""
+    """One per worker: the fetch rules over one engine. `engine` is used as given (and closed by `aclose()`, after
+    which a fetch uses it again); without one, a pooled aiohttp engine is created lazily inside the running loop,
+    and again after each `aclose()`."""
 
     def __init__(
         self,
@@ -595,9 +266,9 @@ class Upstream:
         user_agent: str,
         via: str = "1.1 moxy",
         spool_dir: Path,
-        memory_body_bytes: int = 2 * 1024 * 1024,
+        memory_body_bytes: int = MEMORY_BODY_BYTES,
         resolver: Resolver | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
+        engine: Engine | None = None,
         host_concurrency: int = 64,
         host_queue_timeout: float = 5.0,
         breaker_failures: int = 5,
@@ -608,9 +279,9 @@ class Upstream:
         self.policy = policy
         # The system's trust store, plus the operator's extra CAs (MOXY_UPSTREAM_CA_FILE): added, never replacing
         # it, so public upstreams keep working next to an internal CA. Built once (loading the system store takes
-        # tens of ms), and only for the real engine: an injected transport does its own TLS, if any.
+        # tens of ms), and only for the aiohttp engine: an injected engine does its own TLS, if any.
         self.ssl_context: ssl.SSLContext | None = None
-        if transport is None:
+        if engine is None:
             self.ssl_context = ssl.create_default_context()
             if ca_file is not None:
                 self.ssl_context.load_verify_locations(cafile=ca_file)
@@ -624,7 +295,7 @@ class Upstream:
         self.spool_dir = Path(spool_dir)
         self.memory_body_bytes = memory_body_bytes
         self.resolver: Resolver = resolver if resolver is not None else default_resolver
-        self._transport = transport
+        self._given_engine = engine
         self._on_spool_failure = on_spool_failure
         # The pool itself is unbounded: a shared bound is what let slow hosts starve the others. Each host gets a
         # fair share instead, and the total is bounded by the requests the server admits (one fetch per key).
@@ -635,17 +306,15 @@ class Upstream:
             cooldown=breaker_cooldown,
             clock=time.monotonic,
         )
-        self._engine: _Engine | None = None
+        self._engine: Engine | None = None
 
-    def _get_engine(self) -> _Engine:
+    def _get_engine(self) -> Engine:
         if self._engine is None:
-            if self._transport is not None:
-                self._engine = _HttpxEngine(
-                    self._transport, connect_timeout=self.connect_timeout, read_timeout=self.read_timeout
-                )
+            if self._given_engine is not None:
+                self._engine = self._given_engine
             else:
-                assert self.ssl_context is not None  # built in __init__ whenever no transport is injected
-                self._engine = _AiohttpEngine(
+                assert self.ssl_context is not None  # built in __init__ whenever no engine is injected
+                self._engine = AiohttpEngine(
                     connect_timeout=self.connect_timeout,
                     read_timeout=self.read_timeout,
                     limit=0,
@@ -703,7 +372,7 @@ class Upstream:
             url = self._follow(url, location)
 
     async def _hop(
-        self, engine: _Engine, method: str, url: str, headers: list[tuple[str, str]], pinned: list[IPAddress]
+        self, engine: Engine, method: str, url: str, headers: list[tuple[str, str]], pinned: list[IPAddress]
     ) -> UpstreamResponse | tuple[str, int]:
         """One request: the final answer, or the Location and status of a redirect to follow."""
         request_time = time.time()
@@ -755,7 +424,7 @@ class Upstream:
         return url, self.policy.choose_addresses(target, resolved), target.authority
 
     async def _read(
-        self, url: str, wire: _Wire, method: str, request_time: float, response_time: float
+        self, url: str, wire: Wire, method: str, request_time: float, response_time: float
     ) -> UpstreamResponse:
         raw = wire.raw_headers
         declared = _declared_length(raw)
@@ -765,9 +434,7 @@ class Upstream:
         storable = 200 <= status < 300
         limit = self.max_body_bytes if storable else min(self.max_body_bytes, ERROR_BODY_BYTES)
         # An error page sample (<= ERROR_BODY_BYTES) is small enough to stay in memory whatever the threshold.
-        sink = _BodySink(
-            self.spool_dir, self.memory_body_bytes if storable else ERROR_BODY_BYTES, self._on_spool_failure
-        )
+        spool = Spool(self.spool_dir, self.memory_body_bytes if storable else ERROR_BODY_BYTES, self._on_spool_failure)
         complete = False
         try:
             if storable and declared is not None and not coded and not no_body and declared > limit:
@@ -776,30 +443,30 @@ class Upstream:
             # Engines know HEAD/204/304 carry no body, so this loop is empty for them and releases the connection.
             async with contextlib.aclosing(wire.chunks()) as chunks:
                 async for chunk in chunks:
-                    if sink.length + len(chunk) > limit:
+                    if spool.length + len(chunk) > limit:
                         if storable:
                             raise UpstreamError("too-large", status=status)
                         # An error page is only kept as a sample; its tail is not worth the bandwidth.
-                        await sink.add(chunk[: limit - sink.length])
+                        await spool.add(chunk[: limit - spool.length])
                         await wire.abort()
                         break
-                    await sink.add(chunk)
+                    await spool.add(chunk)
                 else:
-                    if declared is not None and not coded and not no_body and sink.length != declared:
+                    if declared is not None and not coded and not no_body and spool.length != declared:
                         raise UpstreamError("truncated", status=status)
-            body, body_path = await sink.finish()
+            body, body_path = await spool.finish()
             complete = True
         finally:
             if not complete:
                 await wire.abort()
-                await sink.discard()
+                await spool.discard()
         return UpstreamResponse(
             url=url,
             status=status,
             headers=_response_headers(raw),
             body=body,
             body_path=body_path,
-            length=sink.length,
+            length=spool.length,
             # With a content coding the wire length describes the coded bytes, not the decoded body handed over.
             declared_length=None if coded else declared,
             request_time=request_time,

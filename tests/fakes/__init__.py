@@ -1,0 +1,1 @@
+"""Test doubles for Moxy's seams: production code ships none of them."""
