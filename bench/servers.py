@@ -22,6 +22,7 @@ from moxy.signing import Signer
 NGINX = "/usr/sbin/nginx"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SMALL = 10 * 1024
+TINY = 1024
 LARGE = 1024 * 1024
 # Bodies above this skip Moxy's memory tier, so the 1 MiB target is served by the disk tier.
 MEMORY_MAX_ENTRY_BYTES = 512 * 1024
@@ -120,13 +121,20 @@ http {{
 """
 
 # /static/: cacheable; /nostore/: the same bytes, never cacheable (Moxy's miss path);
-# /burst/: cacheable, and every request is logged so upstream requests can be counted per URL.
+# /burst/: cacheable, and every request is logged so upstream requests can be counted per URL;
+# /small/: a cacheable 1 KiB body whatever the query, so `?k=N` makes as many cache keys as wanted;
+# /fill/: a cacheable 10 KiB body whatever the query, logged: the cold fill asks each `?n=N` once.
 ORIGIN_HTTP = """
     log_format uri '$request_uri';
     server {{
         listen 127.0.0.1:{port} backlog={backlog};
         root {prefix}/www;
         location /static/ {{ add_header Cache-Control "max-age=3600"; }}
+        location /small/ {{ add_header Cache-Control "max-age=3600"; }}
+        location /fill/ {{
+            add_header Cache-Control "max-age=3600";
+            access_log {prefix}/fill.log uri;
+        }}
         location /nostore/ {{
             add_header Cache-Control "no-store";
             access_log {prefix}/nostore.log uri;
@@ -157,11 +165,28 @@ CACHE_HTTP = """
     }}
 """
 
+# The miss path's reference: nginx relaying to the origin over kept-alive connections, storing nothing.
+PASS_HTTP = """
+    upstream origin {{
+        server 127.0.0.1:{origin_port};
+        keepalive 32;
+    }}
+    server {{
+        listen 127.0.0.1:{port} backlog={backlog};
+        location / {{
+            proxy_pass http://origin;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+"""
+
 
 @dataclass
 class Nginx:
     prefix: Path
     port: int
+    pid: int  # the master; its workers are its children
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -170,6 +195,11 @@ class Nginx:
         """The request URIs nginx logged in `log_name` (unbuffered: complete once the answers are sent)."""
         log = self.prefix / log_name
         return log.read_text().splitlines() if log.exists() else []
+
+    def logged_count(self, log_name: str) -> int:
+        """How many requests nginx logged in `log_name`, without splitting a log that may hold a million lines."""
+        log = self.prefix / log_name
+        return log.read_bytes().count(b"\n") if log.exists() else 0
 
 
 def _start_nginx(processes: Processes, prefix: Path, http: str, what: str, **fields: object) -> Nginx:
@@ -188,7 +218,7 @@ def _start_nginx(processes: Processes, prefix: Path, http: str, what: str, **fie
         output=subprocess.DEVNULL,
     )
     _wait_for_port(port, process, what, prefix / "error.log")
-    return Nginx(prefix, port)
+    return Nginx(prefix, port, process.pid)
 
 
 def start_origin(processes: Processes, prefix: Path) -> tuple[Nginx, dict[str, bytes]]:
@@ -198,6 +228,8 @@ def start_origin(processes: Processes, prefix: Path) -> tuple[Nginx, dict[str, b
         "/static/1m.png": png_body(LARGE),
         "/nostore/10k.png": png_body(SMALL),
         "/burst/10k.png": png_body(SMALL),
+        "/small/1k.png": png_body(TINY),
+        "/fill/10k.png": png_body(SMALL),
     }
     www = prefix / "www"
     for path, body in bodies.items():
@@ -215,12 +247,25 @@ def start_cache(processes: Processes, prefix: Path, origin: Nginx) -> Nginx:
     return _start_nginx(processes, prefix, CACHE_HTTP, "nginx proxy_cache", origin_port=origin.port)
 
 
+def start_passthrough(processes: Processes, prefix: Path, origin: Nginx) -> Nginx:
+    """nginx proxy_pass without a cache in front of the origin: the reference for Moxy's miss path."""
+    return _start_nginx(processes, prefix, PASS_HTTP, "nginx pass-through", origin_port=origin.port)
+
+
+SERVERS = ("uvicorn", "granian")
+# The main Moxy's memory budget: MOXY_MEMORY_CACHE_BYTES's default, passed explicitly so the report can name it.
+MEMORY_CACHE_BYTES = 256 * 1024 * 1024
+
+
 @dataclass
 class Moxy:
     base_url: str
     signer: Signer
     cache_dir: Path
     log: Path
+    pid: int  # the process started: uvicorn's only process, or granian's supervisor
+    server: str  # "uvicorn" or "granian"
+    memory_cache_bytes: int  # MOXY_MEMORY_CACHE_BYTES it runs with (per worker)
 
     def sign(self, url: str) -> str:
         return self.signer.sign(url)
@@ -230,9 +275,27 @@ class Moxy:
         folder = self.cache_dir / "body"
         return [path.stat().st_size for path in folder.rglob("*") if path.is_file()] if folder.exists() else []
 
+    def disk_entries(self) -> int:
+        """Entries in the disk tier: one meta file each, whether its body is embedded or a file of its own."""
+        folder = self.cache_dir / "meta"
+        return sum(1 for path in folder.rglob("*") if path.is_file()) if folder.exists() else 0
 
-def start_moxy(processes: Processes, folder: Path) -> Moxy:
-    """Moxy as `moxy serve` runs it (uvicorn, one worker), on a free loopback port.
+
+def granian_binary() -> str | None:
+    """granian next to this Python, if it is installed (it is not a dependency of Moxy)."""
+    candidate = Path(sys.executable).parent / "granian"
+    return str(candidate) if candidate.exists() else None
+
+
+def start_moxy(
+    processes: Processes,
+    folder: Path,
+    *,
+    server: str = "uvicorn",
+    memory_cache_bytes: int = MEMORY_CACHE_BYTES,
+    disk_cache_bytes: int | None = None,
+) -> Moxy:
+    """Moxy on a free loopback port, one worker: `moxy serve` (uvicorn), or granian loading the same app factory.
 
     Not `uvicorn --fd`: uvicorn wraps an inherited descriptor as a Unix socket, so the TCP connections it accepts
     never get TCP_NODELAY and every response waits out the client's delayed ACK (about 40 ms)."""
@@ -249,22 +312,50 @@ def start_moxy(processes: Processes, folder: Path) -> Moxy:
             "MOXY_CACHE_DIR": str(cache_dir),
             "MOXY_ALLOWED_NETWORKS": "127.0.0.0/8",
             "MOXY_ACCESS_LOG": "false",
+            "MOXY_MEMORY_CACHE_BYTES": str(memory_cache_bytes),
             "MOXY_MEMORY_MAX_ENTRY_BYTES": str(MEMORY_MAX_ENTRY_BYTES),
         }
     )
-    command = [sys.executable, "-m", "moxy", "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    if disk_cache_bytes is not None:
+        env["MOXY_DISK_CACHE_BYTES"] = str(disk_cache_bytes)
+    if server == "uvicorn":
+        command = [sys.executable, "-m", "moxy", "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    elif server == "granian" and (granian := granian_binary()) is not None:
+        # The same app factory `moxy serve` hands uvicorn, with the same MOXY_* settings. granian has its own HTTP
+        # parser, so moxy.server's bounds on what a client may send do not apply under it.
+        command = [
+            granian,
+            "--interface",
+            "asgi",
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--no-ws",
+            "--backlog",
+            str(BACKLOG),
+            "--log-level",
+            "warning",
+            "moxy.app:create_app",
+        ]
+    else:
+        raise BenchError(f"cannot run Moxy under {server!r} (granian: .venv/bin/pip install granian)")
     log = folder / "moxy.log"
     with open(log, "ab") as output:
-        process = processes.start("moxy", command, stop_signal=signal.SIGTERM, output=output, env=env)
-    deadline = time.monotonic() + 20
+        process = processes.start(f"moxy ({server})", command, stop_signal=signal.SIGTERM, output=output, env=env)
+    deadline = time.monotonic() + 30
     with httpx.Client(trust_env=False, timeout=2) as client:
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                raise BenchError(f"moxy exited with {process.returncode}: {_tail(log)}")
+                raise BenchError(f"moxy ({server}) exited with {process.returncode}: {_tail(log)}")
             try:
                 if client.get(base_url + "/healthz").status_code == 200:
-                    return Moxy(base_url, Signer([key], base_url), cache_dir, log)
+                    signer = Signer([key], base_url)
+                    return Moxy(base_url, signer, cache_dir, log, process.pid, server, memory_cache_bytes)
             except httpx.HTTPError:
                 pass
             time.sleep(0.05)
-    raise BenchError(f"moxy did not answer /healthz: {_tail(log)}")
+    raise BenchError(f"moxy ({server}) did not answer /healthz: {_tail(log)}")

@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 from bench.servers import BenchError
 
@@ -61,8 +62,25 @@ def parse(report: str, *, min_body: int) -> WrkResult:
     )
 
 
-def run_wrk(url: str, *, seconds: int, connections: int, min_body: int) -> WrkResult:
-    command = [wrk_binary(), f"-t{THREADS}", f"-c{connections}", f"-d{seconds}s", "--latency", url]
+SCRIPTS = Path(__file__).parent / "lua"
+
+
+def run_wrk(
+    url: str,
+    *,
+    seconds: int,
+    connections: int,
+    min_body: int,
+    script: str | None = None,
+    script_args: tuple[str, ...] = (),
+) -> WrkResult:
+    """One wrk run on `url`; with `script` (a file in bench/lua/), the script picks each request's path."""
+    command = [wrk_binary(), f"-t{THREADS}", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    if script is not None:
+        command += ["-s", str(SCRIPTS / script)]
+    command.append(url)
+    if script_args:
+        command += ["--", *script_args]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 30, check=False)
     except subprocess.TimeoutExpired as exc:

@@ -168,6 +168,10 @@ def serve(
         workers=settings.workers,
         # The bounds on what a client may send (moxy.server); its workers read them from MOXY_* like the app.
         http=BoundedHttpToolsProtocol,
+        # Moxy speaks no WebSocket: an upgrade request is answered as the plain HTTP request it also is, by Moxy's
+        # own routes (JSON errors, security headers, logged), not by a protocol library's bare 403.
+        ws="none",
+        lifespan="on",
         timeout_keep_alive=settings.keepalive_timeout,
         access_log=False,
         server_header=False,

@@ -16,6 +16,7 @@ from typing import TypeAlias
 from moxy.fields import OWS, valid_field_value
 
 __all__ = [
+    "media_family",
     "DECLARED_FORMATS",
     "PAGE_MARKUP",
     "SIGNATURES",
@@ -65,6 +66,22 @@ _JSON_TYPES = frozenset({"application/json", "text/json", "application/x-json", 
 def is_json_type(essence: str) -> bool:
     """application/json, text/json and any structured-syntax "+json" type (RFC 6839 §3.1)."""
     return essence in _JSON_TYPES or essence.endswith("+json")
+
+
+_FONT_TYPES = frozenset({"application/vnd.ms-fontobject", "application/font-woff", "application/x-font-ttf"})
+
+
+def media_family(content_type: str) -> str:
+    """What kind of thing a Content-Type names: "json", "font", or its top-level type ("image", "video", ...).
+    A URL whose answers change family (an image that is now JSON) is more likely broken than redesigned."""
+    essence, problem = parse_content_type(content_type)
+    if problem or not essence:
+        return ""
+    if is_json_type(essence):
+        return "json"
+    if essence.startswith("font/") or essence in _FONT_TYPES:
+        return "font"
+    return essence.partition("/")[0]
 
 
 # -- allowlist patterns --------------------------------------------------------------------------

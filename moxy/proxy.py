@@ -23,10 +23,11 @@ from moxy.cache.purges import PurgeLog
 from moxy.cache.vary import normalise
 from moxy.errors import DestinationRefused, ExpiredURL, MoxyError, UpstreamError, VerificationError
 from moxy.fields import valid_field_value
+from moxy.media import media_family
 from moxy.policy import DestinationPolicy
 from moxy.signing import Signer
 from moxy.upstream import UpstreamResponse
-from moxy.validation import Candidate, Reject, ValidatorChain
+from moxy.validation import ACCEPT, Candidate, Reject, ValidatorChain, Verdict
 
 __all__ = ["CacheResult", "Failed", "Outcome", "Proxy", "ProxyRequest", "Served"]
 
@@ -325,6 +326,8 @@ class Proxy:
             complete_body=len(sample) == response.length,
         )
         verdict = await offload(len(sample), lambda: self.validators.validate(candidate))
+        if not isinstance(verdict, Reject) and stale is not None:
+            verdict = _same_kind_as(stale, response.headers.get("content-type", ""), self.clock())
         if isinstance(verdict, Reject):
             if self.on_rejection is not None:
                 self.on_rejection(verdict.reason, url)
@@ -431,6 +434,16 @@ class Proxy:
         else:
             body = entry.body
         return Served(entry, body, cache, age=current_age(entry, now), reason=reason)
+
+
+def _same_kind_as(stale: Entry, content_type: str, now: float) -> Verdict:
+    """An answer of another kind than the good copy it would replace (an image URL now answering JSON) is far
+    more often an upstream in trouble than a redesign: while the copy may still stand in on error, it is kept.
+    Once its stale-if-error window has passed, the new kind is accepted, so a real change heals by itself."""
+    before, after = media_family(stale.header("content-type") or ""), media_family(content_type)
+    if before and after and before != after and usable_on_error(stale, now):
+        return Reject("type-changed", f"the kept copy is {before}, this answer is {after}")
+    return ACCEPT
 
 
 def _unlink_quietly(path: str) -> None:

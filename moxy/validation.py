@@ -123,13 +123,19 @@ class ValidatorChain:
 # -- status, completeness, size ----------------------------------------------------------------
 
 
+# RFC 9110 §15.3.1 and §15.3.4: the 2xx answers whose content is the target resource's representation.
+WHOLE_REPRESENTATION_STATUSES = frozenset({200, 203})
+
+
 def check_status(candidate: Candidate) -> Verdict:
     status = candidate.status
     if status == 206:
         # Moxy never asks for a range; a 206 is a fragment and storing it would serve the fragment as the whole.
         return Reject("status", "206 Partial Content is not a whole representation")
-    if not 200 <= status <= 299:
-        return Reject("status", f"status {status} is not storable")
+    if status not in WHOLE_REPRESENTATION_STATUSES:
+        # 201, 202, 204, 205, 207... are successes of an operation, not the asset the URL names (RFC 9110 §15.3):
+        # accepted, an upstream's "204 No Content" would replace an image with an empty 200 for its whole lifetime.
+        return Reject("status", f"status {status} is not a representation of the resource")
     return ACCEPT
 
 
@@ -252,15 +258,41 @@ def _first_error_text(errors: object) -> str:
     return ""
 
 
+def _error_status(value: object) -> int | None:
+    """An HTTP error status (400-599) written as a number or as a numeric string, else None."""
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit() and len(value.strip()) == 3:
+        value = int(value.strip())
+    if isinstance(value, int) and not isinstance(value, bool) and 400 <= value <= 599:
+        return value
+    return None
+
+
+# Members that, beside an error status, make an object an error report rather than data that holds a number.
+_REPORT_MEMBERS = ("message", "error", "title", "detail", "msg")
+
+
 def error_envelope(document: object) -> str | None:
-    """A description of the error envelope `document` is, or None. Only a top-level object is inspected."""
+    """A description of the error envelope `document` is, or None. Only a top-level object is inspected (member
+    names in any case: `{"Error": ...}` is one too); an array is data, whatever its items hold, since a feed of
+    records that each carry an "error" member is ordinary content."""
     if not isinstance(document, dict):
         return None
+    return _object_envelope(document)
+
+
+def _object_envelope(original: dict[object, object]) -> str | None:
+    document = {key.lower(): value for key, value in original.items() if isinstance(key, str)}
     code, message, data = document.get("code"), document.get("message"), document.get("data")
     if isinstance(code, str) and isinstance(message, str) and isinstance(data, dict):
-        status = data.get("status")
-        if isinstance(status, int) and not isinstance(status, bool) and status >= 400:
+        status = _error_status(data.get("status"))
+        if status is not None:
             return f"WordPress REST error {_show(code)} (status {status})"
+    status = _error_status(document.get("status"))
+    if status is None:
+        status = _error_status(document.get("statuscode"))
+    if status is not None and any(isinstance(document.get(name), str | dict) for name in _REPORT_MEMBERS):
+        # RFC 9457 problem details ({"title", "status", "detail"}) and the many APIs shaped like them.
+        return f"error report with status {status}"
     if "error" in document and _is_error_value(document["error"]):
         return f'"error": {_show(document["error"])}'
     errors = document.get("errors")
@@ -312,6 +344,9 @@ class JsonSanity:
             document = orjson.loads(memoryview(body)[3:] if body.startswith(b"\xef\xbb\xbf") else body)
         except orjson.JSONDecodeError as exc:
             return Reject(reason, f"body is not JSON: {exc}")
+        if essence == "application/problem+json":
+            # RFC 9457: this media type is by definition a report of a failure, never the resource itself.
+            return Reject("json-error-envelope", "application/problem+json is an error report")
         if is_json:
             envelope = error_envelope(document)
             if envelope is not None:

@@ -48,6 +48,7 @@ MiB = 1024 * 1024
 TEMP_MAX_AGE = 3600.0
 RESCAN_INTERVAL = 600.0
 EVICT_TO = 0.9  # evict down to 90 % of the budget, so scans are rare
+PROBE_SECONDS = 1.0  # how long a readiness probe of the folder stands for
 _USAGE = struct.Struct("<qd")  # bytes in use, unix time of the last full recount
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 # The errno classes of a folder that refuses writes; they become metric labels, so they stay few and stable.
@@ -140,6 +141,7 @@ class DiskStorage:
         self.dropped_puts = 0
         self.watcher = watcher
         self.fault: str | None = None
+        self._probed_ok_at: float | None = None  # when a readiness probe last found the folder writable
         self._meta = self.directory / "meta"
         self._body = self.directory / "body"
         self._tmp = self.directory / "tmp"
@@ -206,8 +208,19 @@ class DiskStorage:
     async def probe(self) -> bool:
         """Whether the folder takes writes now (a small temp file written, fsynced and removed); for readiness.
 
-        A success ends a fault, so the state recovers even while no miss arrives to write an entry."""
-        return bool(await self._write("probe", self._probe))
+        A success ends a fault, so the state recovers even while no miss arrives to write an entry. A success
+        stands for PROBE_SECONDS: readiness is asked by anyone, and a flood of probes would otherwise be a flood
+        of fsyncs competing with the cache's own writes. A failure costs no fsync and is always asked again, so
+        a recovery shows at once."""
+        if (
+            self.fault is None
+            and self._probed_ok_at is not None
+            and time.monotonic() - self._probed_ok_at < PROBE_SECONDS
+        ):
+            return True
+        writable = bool(await self._write("probe", self._probe))
+        self._probed_ok_at = time.monotonic() if writable else None
+        return writable
 
     def counted_usage(self) -> int:
         """Bytes in use by the shared counter every writer keeps up to date (one pread, no scan, no lock)."""

@@ -164,8 +164,9 @@ def is_storable(status: int, headers: Mapping[str, str]) -> bool:
     """Whether a shared cache may store this 2xx answer (RFC 9111 §3).
 
     no-store and private (qualified or not: Moxy does not strip named fields) forbid it; `Vary: *`
-    can never be matched again (§4.1), so storing it is pointless; 206 is a fragment, not the resource."""
-    if not 200 <= status <= 299 or status == 206:
+    can never be matched again (§4.1), so storing it is pointless; only 200 and 203 carry the resource itself
+    (206 is a fragment, 204 and 205 carry nothing, 201/202/207 describe an operation)."""
+    if status not in (200, 203):
         return False
     directives = parse_cache_control(headers.get("cache-control"))
     if "no-store" in directives or "private" in directives:

@@ -154,7 +154,8 @@ def test_current_age_never_goes_backwards():
     [
         (200, {}, True),
         (200, {"cache-control": "public, max-age=60"}, True),
-        (204, {}, True),
+        (204, {}, False),  # no content: nothing to serve for the URL
+        (203, {}, True),
         (203, {}, True),
         (200, {"cache-control": "no-store"}, False),
         (200, {"cache-control": "No-Store"}, False),
