@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import anyio.to_thread
 from redis.asyncio import Redis
@@ -17,10 +19,13 @@ from redis.exceptions import RedisError
 from moxy.body import digest_bytes
 from moxy.cache.entry import BodyFile, CorruptEntry, Entry, decode_entry, encode_entry, storage_id
 from moxy.cache.freshness import current_age
+from moxy.hosts import HostBusy, HostGate, HostUnavailable
 
 __all__ = ["RedisStorage"]
 
 MiB = 1024 * 1024
+T = TypeVar("T")
+_REDIS = "redis"  # the one "host" of this tier's gate
 
 
 def _read_range(body: BodyFile) -> bytes:
@@ -41,12 +46,41 @@ class RedisStorage:
         prefix: str = "moxy:",
         margin: float = 3600.0,
         timeout: float = 1.0,
+        max_connections: int = 64,
+        failure_threshold: int = 3,
+        cooldown: float = 5.0,
     ) -> None:
         self.max_entry_bytes = max_entry_bytes
         self.prefix = prefix
         self.margin = margin
         self.errors = 0
-        self._client: Redis = Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        self._client: Redis = Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout, max_connections=max_connections
+        )
+        # A slow or dead Redis must cost the request path nothing: at most `max_connections` calls at once (each
+        # holds a connection), a bounded wait for one, and after `failure_threshold` failures in a row no call at
+        # all for `cooldown` seconds; then one call probes, and success reopens the tier.
+        self._gate = HostGate(
+            per_host=max_connections,
+            wait_timeout=timeout,
+            failure_threshold=failure_threshold,
+            cooldown=cooldown,
+            clock=time.monotonic,
+        )
+
+    async def _guarded(self, call: Callable[[], Awaitable[T]]) -> T | None:
+        """`call`'s result, or None when Redis failed, is cooling down, or every connection is busy."""
+        try:
+            async with self._gate.slot(_REDIS):
+                result = await call()
+        except (HostBusy, HostUnavailable):
+            return None
+        except (RedisError, OSError):
+            self.errors += 1
+            self._gate.failed(_REDIS)
+            return None
+        self._gate.succeeded(_REDIS)
+        return result
 
     def _keys(self, key: str) -> tuple[str, str]:
         sid = storage_id(key)
@@ -59,18 +93,14 @@ class RedisStorage:
 
     async def ping(self) -> bool:
         """Whether Redis answers (for /readyz)."""
-        try:
-            return bool(await self._client.ping())
-        except (RedisError, OSError):
-            return False
+        return bool(await self._guarded(self._client.ping))
 
     async def get(self, key: str) -> Entry | None:
         meta_key, body_key = self._keys(key)
-        try:
-            meta, body = await self._client.mget(meta_key, body_key)
-        except (RedisError, OSError):
-            self.errors += 1
+        found = await self._guarded(lambda: self._client.mget(meta_key, body_key))
+        if found is None:
             return None
+        meta, body = found
         if not isinstance(meta, bytes) or not isinstance(body, bytes):
             return None  # missing (a str never comes back: decode_responses is off)
         try:
@@ -98,37 +128,42 @@ class RedisStorage:
     async def put(self, entry: Entry) -> None:
         meta_key, body_key = self._keys(entry.key)
         body = await self._body(entry)
-        try:
-            if body is None:
-                # Not kept here; drop an older version so it cannot outlive the newer one above.
-                await self._client.delete(meta_key, body_key)
-                return
-            expiry = self._expiry_ms(entry)
+        if body is None:
+            # Not kept here; drop an older version so it cannot outlive the newer one above.
+            await self._guarded(lambda: self._client.delete(meta_key, body_key))
+            return
+        expiry = self._expiry_ms(entry)
+
+        async def store() -> None:
             async with self._client.pipeline(transaction=True) as pipe:
                 pipe.set(meta_key, encode_entry(entry.with_body(b""), include_body=False), px=expiry)
                 pipe.set(body_key, body, px=expiry)
                 await pipe.execute()
-        except (RedisError, OSError):
-            self.errors += 1
+
+        await self._guarded(store)
 
     async def touch(self, entry: Entry) -> None:
         meta_key, body_key = self._keys(entry.key)
         expiry = self._expiry_ms(entry)
-        try:
+
+        async def extend() -> list[object]:
             # Metadata only, and only while the body is still there: SET ... XX keeps a purged entry purged.
             async with self._client.pipeline(transaction=True) as pipe:
                 pipe.pexpire(body_key, expiry)
                 pipe.set(meta_key, encode_entry(entry.with_body(b""), include_body=False), px=expiry, xx=True)
-                extended, replaced = await pipe.execute()
-        except (RedisError, OSError):
-            self.errors += 1
+                return list(await pipe.execute())
+
+        done = await self._guarded(extend)
+        if done is None:
             return
+        extended, replaced = done
         if not (extended and replaced):
             await self.put(entry)  # not in this tier (or evicted by Redis): store it whole if we have the body
 
     async def delete(self, key: str) -> bool:
         meta_key, body_key = self._keys(key)
-        try:
+
+        async def remove() -> bool:
             meta = await self._client.get(meta_key)
             if isinstance(meta, bytes):
                 try:
@@ -137,9 +172,8 @@ class RedisStorage:
                 except CorruptEntry:
                     pass
             return bool(await self._client.delete(meta_key, body_key))
-        except (RedisError, OSError):
-            self.errors += 1
-            return False
+
+        return bool(await self._guarded(remove))
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import socket
@@ -203,14 +204,23 @@ async def test_damaged_entries_are_misses(storage: RedisStorage, raw: Redis, dam
 
 
 async def test_redis_down_is_a_miss_not_an_error():
-    dead = RedisStorage(f"redis://127.0.0.1:{_free_port()}/0", timeout=0.5)
+    dead = RedisStorage(f"redis://127.0.0.1:{_free_port()}/0", timeout=0.5, failure_threshold=3, cooldown=0.3)
     entry = make_entry()
     await dead.put(entry)
     await dead.touch(entry)
     assert await dead.get(entry.key) is None
     assert await dead.delete(entry.key) is False
     assert await dead.ping() is False
-    assert dead.errors >= 4
+    # Three failures in a row open the breaker: the later calls did not even try.
+    assert dead.errors == 3
+    started = time.monotonic()
+    for _ in range(1000):
+        assert await dead.get(entry.key) is None
+    assert dead.errors == 3, "a dead Redis costs nothing per request while the breaker is open"
+    assert time.monotonic() - started < 0.5 * 3
+    await asyncio.sleep(0.35)
+    assert await dead.get(entry.key) is None
+    assert dead.errors == 4, "after the cool-down one call probes Redis again"
     await dead.aclose()
 
 
