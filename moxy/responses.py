@@ -1,5 +1,6 @@
 """Outcome -> HTTP response: the headers a CDN can trust, conditional requests (304), byte ranges (206/416),
-HEAD, and the one table from Moxy's errors to statuses (DESIGN section 6)."""
+HEAD, and the one table from Moxy's errors to statuses. The only place the headers describing an entry are
+rendered (hit_headers); the hit memo sends what it returns too."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import hashlib
 import math
 import re
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from email.utils import formatdate
 from typing import Any, Literal, TypeAlias
 
@@ -28,13 +30,17 @@ from moxy.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from moxy.proxy import Served
+from moxy.proxy import CacheResult, Served
 
 __all__ = [
     "SECURITY_HEADERS",
+    "EntryFields",
     "RangeChoice",
+    "content_length",
+    "entry_fields",
     "error_response",
     "error_status",
+    "hit_headers",
     "parse_range",
     "render",
     "surrogate_key",
@@ -131,30 +137,79 @@ def _etag(digest: str) -> str:
     return f'"{digest[:32]}"'
 
 
-def _entry_headers(served: Served, vary: str) -> dict[str, str]:
-    entry = served.entry
-    headers = {name: value for name, value in entry.headers if name not in NOT_SENT}
+@dataclass(frozen=True, slots=True)
+class EntryFields:
+    """The header fields describing one entry, prepared once: everything but the parts that change with time.
+
+    `fields` are the fixed fields in the order they are sent (Content-Type last); Age and the ttl of Cache-Status
+    are added for each answer by hit_headers(). The hit memo keeps one of these per prepared answer."""
+
+    fields: tuple[tuple[bytes, bytes], ...]
+    lifetime: float
+    cache_status: bytes  # up to and including "ttl="
+    detail: bytes  # the Cache-Status detail parameter, or b""
+
+
+def _media_type(entry: Entry) -> str:
+    """The Content-Type sent: the stored one (text/* with its charset, utf-8 when it names none), else bytes."""
+    value = entry.header("content-type") or "application/octet-stream"
+    if value.startswith("text/") and "charset=" not in value.lower():
+        value += "; charset=utf-8"
+    return value
+
+
+# RFC 9211 §2: how each result is said in Cache-Status.
+_CACHE_STATUS = {
+    CacheResult.HIT: "hit",
+    CacheResult.STALE: "hit",
+    CacheResult.REVALIDATED: "fwd=stale",
+    CacheResult.MISS: "fwd=uri-miss",
+    CacheResult.BYPASS: "fwd=bypass",
+}
+
+
+def entry_fields(
+    entry: Entry, cache: CacheResult, *, vary: str, stored: bool = True, reason: str | None = None
+) -> EntryFields:
+    """The fixed header fields of an answer from `entry` (see EntryFields)."""
+    headers = {name: value for name, value in entry.headers if name not in NOT_SENT and name != "content-type"}
     headers.update(SECURITY_HEADERS)
     headers["etag"] = _etag(entry.digest)
     headers["last-modified"] = _last_modified(entry)
-    # DESIGN section 6: the full lifetime with Age, never the remaining lifetime (a CDN subtracts Age itself).
+    # The full lifetime with Age, never the remaining lifetime: a CDN subtracts Age itself (RFC 9111 §4.2.3), so
+    # sending the remaining lifetime as well would count the age twice.
     headers["cache-control"] = (
         f"public, max-age={int(entry.lifetime)}, stale-while-revalidate={int(entry.stale_while_revalidate)}, "
         f"stale-if-error={int(entry.stale_if_error)}"
+        if stored
+        else "private, no-store"
     )
-    if not served.stored:
-        headers["cache-control"] = "private, no-store"
-    headers["age"] = str(max(0, int(served.age)))
     headers["accept-ranges"] = "bytes"
     headers["surrogate-key"] = surrogate_key(entry.url)
     if vary:
         headers["vary"] = vary
-    result = served.cache.value
-    headers["x-moxy-cache"] = result
-    status = {"HIT": "hit", "STALE": "hit", "REVALIDATED": "fwd=stale", "MISS": "fwd=uri-miss", "BYPASS": "fwd=bypass"}
-    detail = f"; detail={_sf_string(served.reason)}" if served.reason else ""
-    headers["cache-status"] = f"moxy; {status[result]}; ttl={int(entry.lifetime - served.age)}{detail}"
-    return headers
+    headers["x-moxy-cache"] = cache.value
+    headers["content-type"] = _media_type(entry)
+    return EntryFields(
+        fields=tuple((name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()),
+        lifetime=entry.lifetime,
+        cache_status=f"moxy; {_CACHE_STATUS[cache]}; ttl=".encode("latin-1"),
+        detail=f"; detail={_sf_string(reason)}".encode("latin-1") if reason else b"",
+    )
+
+
+def hit_headers(prepared: EntryFields, age: float) -> list[tuple[bytes, bytes]]:
+    """Every header field describing an entry, at `age` seconds (RFC 9111 §4.2.3 current age): the one rendering
+    of Age, Cache-Control, ETag, Last-Modified, Vary and Cache-Status, for the full flow and the hit memo alike."""
+    return [
+        *prepared.fields,
+        (b"age", b"%d" % max(0, int(age))),
+        (b"cache-status", prepared.cache_status + b"%d" % int(prepared.lifetime - age) + prepared.detail),
+    ]
+
+
+def content_length(size: int) -> tuple[bytes, bytes]:
+    return b"content-length", b"%d" % max(0, size)
 
 
 def _not_modified(request: Request, served: Served) -> bool:
@@ -260,28 +315,34 @@ class _FileRangeResponse(Response):
         await send({"type": "http.response.body", "body": content})
 
 
+def _answer(response: Response, headers: list[tuple[bytes, bytes]]) -> Response:
+    # The fields are complete and in order already: nothing is added to them.
+    response.raw_headers = headers
+    return response
+
+
 def render(request: Request, served: Served, vary: str) -> Response:
-    headers = _entry_headers(served, vary)
-    media_type = headers.pop("content-type", "application/octet-stream")
-    head = request.method == "HEAD"
+    fields = entry_fields(served.entry, served.cache, vary=vary, stored=served.stored, reason=served.reason)
+    headers = hit_headers(fields, served.age)
     if _not_modified(request, served):
-        return Response(status_code=304, headers={k: v for k, v in headers.items() if k != "content-type"})
+        return _answer(Response(status_code=304), [field for field in headers if field[0] != b"content-type"])
     length = served.entry.length
     chosen = _byte_range(request, served, length)
     status, start, end = 200, 0, length - 1
     if chosen == "unsatisfiable":
-        headers["content-range"] = f"bytes */{length}"
-        return Response(status_code=416, headers=headers)
+        headers = [field for field in headers if field[0] != b"content-type"]
+        headers += [(b"content-range", b"bytes */%d" % length), content_length(0)]
+        return _answer(Response(status_code=416), headers)
     if isinstance(chosen, tuple):
         status, (start, end) = 206, chosen
-        headers["content-range"] = f"bytes {start}-{end}/{length}"
-    headers["content-length"] = str(max(0, end + 1 - start))
+        headers.append((b"content-range", b"bytes %d-%d/%d" % (start, end, length)))
+    headers.append(content_length(end + 1 - start))
     body = served.body
-    if head or length == 0:
-        return Response(b"", status_code=status, headers=headers, media_type=media_type)
+    if request.method == "HEAD" or length == 0:
+        return _answer(Response(b"", status_code=status), headers)
     if isinstance(body, bytes):
         content = body if status == 200 else body[start : end + 1]
-        return Response(content, status_code=status, headers=headers, media_type=media_type)
+        return _answer(Response(content, status_code=status), headers)
     if end + 1 - start <= WHOLE_READ_BYTES:
-        return _FileRangeResponse(body, start, end, status_code=status, headers=headers, media_type=media_type)
-    return StreamingResponse(_file_chunks(body, start, end), status_code=status, headers=headers, media_type=media_type)
+        return _answer(_FileRangeResponse(body, start, end, status_code=status), headers)
+    return _answer(StreamingResponse(_file_chunks(body, start, end), status_code=status), headers)

@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from moxy.accesslog import path_digest
+from moxy.telemetry import path_digest
 from tests.integration.moxy_server import MoxyServer
 from tests.integration.servers import require_binary
 

@@ -9,10 +9,11 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from moxy.app import INTERNAL_ERROR, create_app
+from moxy.app import create_app
 from moxy.config import Settings
 from moxy.proxy import Proxy
 from moxy.signing import Signer
+from moxy.telemetry import INTERNAL_ERROR
 
 KEY = "unit-test-key-0123456789abcdef"
 

@@ -1,4 +1,4 @@
-"""Metrics: what the counters say, and the housekeeping of multiprocess mode (moxy.metrics)."""
+"""Metrics: what the counters say, and the housekeeping of multiprocess mode (moxy.telemetry)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from moxy.metrics import Metrics
+from moxy.telemetry import Metrics
 
 
 def scrape(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -1,0 +1,224 @@
+"""The endpoints: the proxy route (GET/HEAD of a signed URL), POST /purge, /healthz, /readyz and /metrics, over a
+typed Components object that the app's lifespan builds. moxy.responses renders every answer of the proxy route;
+moxy.telemetry counts and logs it."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from moxy.cache import DiskStorage, MemoryStorage, Storage, TieredStorage
+from moxy.cache.purges import PurgeLog
+from moxy.config import Settings
+from moxy.errors import MoxyError
+from moxy.proxy import CacheResult, Proxy, ProxyRequest, Served
+from moxy.responses import error_response, render, surrogate_key
+from moxy.signing import Signer
+from moxy.telemetry import (
+    CONTENT_TYPE as METRICS_CONTENT_TYPE,
+    INTERNAL_ERROR,
+    Metrics,
+    log_access,
+    log_internal_error,
+    set_tier_gauges,
+)
+from moxy.upstream import Upstream
+
+__all__ = ["Components", "OnHit", "Tiers", "router", "waiting"]
+
+# Told of every plain HIT the proxy route answered, with the request's ASGI scope (the hit memo learns from it).
+OnHit = Callable[[Any, Served], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Tiers:
+    """The storage as built: the tiered whole, and the tiers the gauges and the readiness check look at."""
+
+    storage: Storage
+    memory: MemoryStorage | None
+    disk: DiskStorage | None
+
+
+@dataclass(frozen=True, slots=True)
+class Components:
+    """Everything a running Moxy serves with, built once per worker by the app's lifespan."""
+
+    settings: Settings
+    signer: Signer
+    proxy: Proxy
+    tiers: Tiers
+    metrics: Metrics
+    purges: PurgeLog
+    upstream: Upstream
+
+    @property
+    def vary(self) -> str:
+        """The Vary of every answer that depends on the forwarded headers."""
+        return ", ".join(self.settings.forward_headers)
+
+
+_NO_STORE = {"cache-control": "no-store"}
+
+
+def _json(body: bytes, status: int = 200, headers: Mapping[str, str] = _NO_STORE) -> Response:
+    return Response(body, status_code=status, media_type="application/json", headers=dict(headers))
+
+
+async def healthz(request: Request) -> Response:
+    return _json(b'{"status":"ok"}')
+
+
+async def _starting(request: Request) -> Response:
+    # 503 only while Moxy cannot answer at all: its components are not built yet.
+    return _json(orjson.dumps({"status": "starting"}), 503)
+
+
+def waiting() -> list[Route]:
+    """The routes before the components exist: alive, not ready."""
+    return [
+        Route("/healthz", healthz, methods=["GET", "HEAD"]),
+        Route("/readyz", _starting, methods=["GET", "HEAD"]),
+    ]
+
+
+def _probe_writable(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".ready-") as probe:
+        probe.write(b"ok")
+        probe.flush()
+
+
+class _Endpoints:
+    def __init__(self, components: Components, on_hit: OnHit | None) -> None:
+        self.components = components
+        self.on_hit = on_hit
+        self.vary = components.vary
+
+    async def proxy(self, request: Request) -> Response:
+        started = time.perf_counter()
+        metrics = self.components.metrics
+        head = request.method == "HEAD"
+        reason: str | None
+        try:
+            outcome = await self.components.proxy.handle(
+                ProxyRequest(path=request.url.path, query=request.url.query, headers=request.headers)
+            )
+            if isinstance(outcome, Served):
+                response = render(request, outcome, self.vary)
+                if outcome.cache is CacheResult.HIT and not head and response.status_code == 200 and self.on_hit:
+                    self.on_hit(request.scope, outcome)
+                reason = outcome.reason
+            else:
+                response = error_response(outcome.error, cache=outcome.cache.value, head=head, vary=self.vary)
+                reason = getattr(outcome.error, "reason", str(outcome.error))
+            cache, upstream_status, upstream_seconds = (
+                outcome.cache.value,
+                outcome.upstream_status,
+                outcome.upstream_seconds,
+            )
+        except Exception as exc:
+            # A bug, never an expected outcome: the answer is still a well-formed, uncacheable JSON error with the
+            # security headers, counted and logged like every other, and the traceback goes to the error log.
+            log_internal_error(request.url.path, exc)
+            response = error_response(MoxyError(INTERNAL_ERROR), cache=CacheResult.BYPASS.value, head=head)
+            cache, reason, upstream_status, upstream_seconds = CacheResult.BYPASS.value, INTERNAL_ERROR, None, None
+            metrics.internal_errors.inc()
+        metrics.count_request(response.status_code, cache, time.perf_counter() - started)
+        if self.components.settings.access_log:
+            sent = int(response.headers.get("content-length", 0) or 0)
+            log_access(
+                request.method,
+                request.url.path,
+                response.status_code,
+                cache,
+                reason,
+                upstream_status,
+                upstream_seconds,
+                sent,
+                started,
+            )
+        return response
+
+    async def purge(self, request: Request) -> Response:
+        settings = self.components.settings
+        token = settings.purge_token.get_secret_value().encode("utf-8") if settings.purge_token else b""
+        scheme, _, credentials = request.headers.get("authorization", "").strip().partition(" ")
+        # RFC 9110 §11.1: the scheme is case-insensitive; the token is compared in constant time.
+        given = credentials.strip().encode("utf-8", "replace")
+        if not token or scheme.lower() != "bearer" or not hmac.compare_digest(given, token):
+            return _json(
+                b'{"error":"Unauthorized","reason":"bad or missing purge token"}',
+                401,
+                {**_NO_STORE, "www-authenticate": "Bearer"},
+            )
+        try:
+            payload = orjson.loads(await request.body())
+            url = payload["url"]
+            if not isinstance(url, str):
+                raise TypeError
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return _json(b'{"error":"BadRequest","reason":"body must be {\\"url\\": \\"...\\"}"}', 400)
+        variants: tuple[Mapping[str, str], ...] = ({},)
+        accept = request.headers.get("x-moxy-purge-accept")
+        if accept:
+            variants = ({}, {"accept": accept})
+        removed, upstream_url = await self.components.proxy.purge(url, variants)
+        return _json(orjson.dumps({"removed": removed, "surrogate_key": surrogate_key(upstream_url)}))
+
+    async def readyz(self, request: Request) -> Response:
+        # A failing optional part is reported, with 200: Moxy still answers requests without it.
+        return _json(orjson.dumps({"status": "ready", "degraded": await self.degraded()}))
+
+    async def degraded(self) -> list[str]:
+        """The optional parts failing now: "cache-dir" (the cache folder takes no writes: full, read-only, gone),
+        "redis" (unreachable)."""
+        tiers = self.components.tiers
+        failed: list[str] = []
+        if tiers.disk is not None:
+            writable = await tiers.disk.probe()  # also ends the disk tier's fault state once writes work again
+        else:
+            try:
+                # No disk tier, but the spool and the purge log still live in the cache folder.
+                await asyncio.to_thread(_probe_writable, Path(self.components.settings.cache_dir))
+                writable = True
+            except OSError:
+                writable = False
+        if not writable:
+            failed.append("cache-dir")
+        for tier in tiers.storage.tiers if isinstance(tiers.storage, TieredStorage) else ():
+            ping = getattr(tier, "ping", None)
+            if ping is not None and not await ping():
+                failed.append("redis")
+        return failed
+
+    async def metrics(self, request: Request) -> Response:
+        metrics, tiers = self.components.metrics, self.components.tiers
+        set_tier_gauges(metrics, tiers.memory, tiers.disk)
+        text = await asyncio.to_thread(metrics.render)  # multiprocess mode reads one file per worker
+        return Response(text, media_type=METRICS_CONTENT_TYPE, headers=_NO_STORE)
+
+
+def router(components: Components, *, on_hit: OnHit | None = None) -> Starlette:
+    """The endpoints over `components`. /purge exists only when a purge token is configured."""
+    endpoints = _Endpoints(components, on_hit)
+    routes = [
+        Route("/healthz", healthz, methods=["GET", "HEAD"]),
+        Route("/readyz", endpoints.readyz, methods=["GET", "HEAD"]),
+        Route("/metrics", endpoints.metrics, methods=["GET"]),
+    ]
+    if components.settings.purge_token is not None:
+        routes.append(Route("/purge", endpoints.purge, methods=["POST"]))
+    routes.append(Route("/{path:path}", endpoints.proxy, methods=["GET", "HEAD"]))
+    return Starlette(routes=routes)
