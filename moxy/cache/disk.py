@@ -212,11 +212,10 @@ class DiskStorage:
         stands for PROBE_SECONDS: readiness is asked by anyone, and a flood of probes would otherwise be a flood
         of fsyncs competing with the cache's own writes. A failure costs no fsync and is always asked again, so
         a recovery shows at once."""
-        if (
-            self.fault is None
-            and self._probed_ok_at is not None
-            and time.monotonic() - self._probed_ok_at < PROBE_SECONDS
-        ):
+        recent = self._probed_ok_at is not None and time.monotonic() - self._probed_ok_at < PROBE_SECONDS
+        # Within the window a stat and an access check stand in for the write: they see a folder that was
+        # removed, replaced or remounted read-only since, without an fsync.
+        if recent and self.fault is None and self.directory.is_dir() and os.access(self.directory, os.W_OK):
             return True
         writable = bool(await self._write("probe", self._probe))
         self._probed_ok_at = time.monotonic() if writable else None
