@@ -22,7 +22,8 @@ MiB = 1024 * 1024
 
 @pytest.fixture(params=[pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"), "asyncio"])
 def anyio_backend(request: pytest.FixtureRequest) -> object:
-    # Production runs on uvloop, where the close after the body was misread; the plain loop is checked too.
+    # Overrides the asyncio-only anyio_backend of tests/conftest.py: production runs on uvloop, where the close after
+    # the body was misread, so this file runs on uvloop and on the plain loop.
     return request.param
 
 

@@ -48,11 +48,6 @@ CHILD = textwrap.dedent(
 ).format(size=SIZE)
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def small_entry(name: str, body: bytes) -> Entry:
     return make_entry(f"https://img.example/{name}", body, headers=(), stored_at=0.0)
 

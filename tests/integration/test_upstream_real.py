@@ -26,17 +26,6 @@ LOOPBACK = ("127.0.0.0/8", "::1/128")
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-def origin() -> Iterator[Origin]:
-    with Origin() as running:
-        yield running
-
-
-@pytest.fixture
 def counter() -> Iterator[ConnectionCounter]:
     with ConnectionCounter() as running:
         yield running

@@ -19,11 +19,6 @@ from tests.entries import make_entry as entry_of
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def make_entry(name: str, body: bytes) -> Entry:
     return entry_of(
         f"https://img.example/{name}",

@@ -17,11 +17,6 @@ from moxy.cache.disk import MiB
 SMALL = 64 * 1024  # memory's entry cap and disk's inline limit in these tests
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @dataclass
 class Subject:
     storage: Storage

@@ -30,11 +30,6 @@ from tests.fakes.engine import FakeEngine, Handler, Reply, Sent
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def make_policy() -> DestinationPolicy:
     return DestinationPolicy.from_settings_values(allowed_networks=(), allow_hosts=(), deny_hosts=("evil.test",))
 
