@@ -40,6 +40,7 @@ import httpx
 from moxy.telemetry import path_digest
 from tests.integration.moxy_server import MoxyServer
 from tests.integration.servers import require_binary
+from tests.net import free_port
 
 __all__ = ["NginxCache", "moxy_requests", "require_nginx"]
 
@@ -114,13 +115,6 @@ def require_nginx() -> str:
     return require_binary("nginx", "/usr/sbin/nginx")
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 def _user_line() -> str:
     # Started as root, nginx hands its workers to `nobody`, who cannot enter a root-only pytest folder.
     if os.geteuid() != 0:
@@ -160,9 +154,9 @@ class NginxCache:
         wire = os.path.join(self._socket_dir, "wire.sock")
         failures: list[str] = []
         for _ in range(self.attempts):
-            # The probe socket is closed before nginx binds, so another process may take the port first;
+            # free_port closes its probe before nginx binds, so another process may take the port first;
             # nginx then exits at once and the next attempt picks another port.
-            self.port = _free_port()
+            self.port = free_port()
             self.config_path.write_text(
                 _CONFIG.format(
                     user=_user_line(),

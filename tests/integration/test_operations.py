@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from moxy.signing import Signer
 from tests.integration.moxy_server import TEST_KEY, MoxyServer
 from tests.integration.origin import Origin, Reply
+from tests.net import free_port
 
 pytestmark = pytest.mark.integration
 StartMoxy = Callable[..., MoxyServer]
@@ -100,12 +101,6 @@ def test_readyz_names_an_unreachable_redis(start_moxy: StartMoxy) -> None:
 
 
 # -- `moxy serve` itself ------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture

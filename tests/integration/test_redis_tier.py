@@ -17,22 +17,16 @@ from redis.asyncio import Redis
 from moxy.cache import BodyFile, DiskStorage, Entry, MemoryStorage, TieredStorage, make_key, storage_id
 from moxy.cache.redis import RedisStorage
 from tests.integration.servers import require_binary
+from tests.net import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     redis_server = require_binary("redis-server", "/usr/bin/redis-server")
     folder = tmp_path_factory.mktemp("redis")
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [
             redis_server,
@@ -199,7 +193,7 @@ async def test_damaged_entries_are_misses(storage: RedisStorage, raw: Redis, dam
 
 
 async def test_redis_down_is_a_miss_not_an_error():
-    dead = RedisStorage(f"redis://127.0.0.1:{_free_port()}/0", timeout=0.5, failure_threshold=3, cooldown=0.3)
+    dead = RedisStorage(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5, failure_threshold=3, cooldown=0.3)
     entry = make_entry()
     await dead.put(entry)
     await dead.touch(entry)
