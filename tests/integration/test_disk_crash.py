@@ -23,9 +23,10 @@ SIZE = 50 * 1024 * 1024
 # can kill it while the temp file is growing. Everything else is the real code path.
 CHILD = textwrap.dedent(
     """
-    import hashlib, os, sys, time
+    import os, sys, time
     import anyio
-    from moxy.cache import DiskStorage, Entry, make_key
+    from moxy.cache import DiskStorage
+    from tests.entries import make_entry
 
     real_write = os.write
     def slow_write(fd, data):
@@ -34,12 +35,7 @@ CHILD = textwrap.dedent(
     os.write = slow_write
 
     body = bytes(range(256)) * ({size} // 256)
-    entry = Entry(
-        key=make_key("https://img.example/huge.bin", {{}}), url="https://img.example/huge.bin", status=200,
-        headers=(("content-type", "video/mp4"),), stored_at=0.0, age=0.0, lifetime=60.0,
-        stale_while_revalidate=0.0, stale_if_error=0.0, must_revalidate=False, no_cache=False,
-        etag=None, last_modified=None, digest=hashlib.sha256(body).hexdigest(), length=len(body), body=body,
-    )
+    entry = make_entry("https://img.example/huge.bin", body, headers=(("content-type", "video/mp4"),), stored_at=0.0)
     disk = DiskStorage(__import__("pathlib").Path(sys.argv[1]), 1 << 30)
     print("ready", flush=True)
     anyio.run(disk.put, entry)

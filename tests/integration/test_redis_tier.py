@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import socket
 import subprocess
@@ -16,6 +15,7 @@ from redis.asyncio import Redis
 
 from moxy.cache import BodyFile, DiskStorage, Entry, MemoryStorage, TieredStorage, make_key, storage_id
 from moxy.cache.redis import RedisStorage
+from tests.entries import make_entry as entry_of
 from tests.integration.servers import require_binary
 from tests.net import free_port
 
@@ -78,27 +78,14 @@ async def raw(redis_url: str) -> AsyncIterator[Redis]:
 
 
 def make_entry(name: str = "a.png", body: bytes = b"\x89PNG body", **overrides: object) -> Entry:
-    url = f"https://img.example/{name}"
-    fields: dict[str, object] = {
-        "key": make_key(url, {"accept": "image/*"}),
-        "url": url,
-        "status": 200,
-        "headers": (("content-type", "image/png"),),
+    defaults: dict[str, object] = {
         "stored_at": time.time(),
-        "age": 0.0,
         "lifetime": 600.0,
         "stale_while_revalidate": 60.0,
         "stale_if_error": 3600.0,
-        "must_revalidate": False,
-        "no_cache": False,
         "etag": '"v1"',
-        "last_modified": None,
-        "digest": hashlib.sha256(body).hexdigest(),
-        "length": len(body),
-        "body": body,
     }
-    fields.update(overrides)
-    return Entry(**fields)  # type: ignore[arg-type]
+    return entry_of(f"https://img.example/{name}", body, accept="image/*", **{**defaults, **overrides})
 
 
 async def test_round_trip_and_expiry(storage: RedisStorage, raw: Redis):

@@ -20,29 +20,21 @@ from moxy.cache.entry import (
     storage_id,
 )
 from moxy.errors import MoxyError
+from tests.entries import make_entry as entry_of
 
 
 def make_entry(body: bytes = b"\x89PNG body", **overrides: object) -> Entry:
-    fields: dict[str, object] = {
-        "key": make_key("https://img.example/a.png", {"accept": "image/*"}),
-        "url": "https://img.example/a.png",
-        "status": 200,
+    defaults: dict[str, object] = {
         "headers": (("content-type", "image/png"), ("last-modified", "Tue, 15 Nov 1994 08:12:31 GMT")),
         "stored_at": 1_700_000_000.5,
         "age": 3.0,
         "lifetime": 600.0,
         "stale_while_revalidate": 60.0,
         "stale_if_error": 86400.0,
-        "must_revalidate": False,
-        "no_cache": False,
         "etag": '"v1"',
         "last_modified": "Tue, 15 Nov 1994 08:12:31 GMT",
-        "digest": hashlib.sha256(body).hexdigest(),
-        "length": len(body),
-        "body": body,
     }
-    fields.update(overrides)
-    return Entry(**fields)  # type: ignore[arg-type]
+    return entry_of("https://img.example/a.png", body, accept="image/*", **{**defaults, **overrides})
 
 
 # -- keys ------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from moxy.cache.freshness import (
     parse_http_date,
     usable_on_error,
 )
+from tests.entries import make_entry
 
 T = 1_700_000_000.0  # response time of every table row
 RFC = FreshnessRules(ttl_min=0, ttl_max=10**10, ttl_default=300, stale_while_revalidate=0, stale_if_error=0)
@@ -39,10 +40,8 @@ def fresh(headers: dict[str, str], *, rules: FreshnessRules = RFC, request_time:
 
 
 def entry_of(freshness: Freshness, stored_at: float = T) -> Entry:
-    return Entry(
-        key="k",
-        url="https://x/",
-        status=200,
+    return make_entry(
+        "https://x/",
         headers=(),
         stored_at=stored_at,
         age=freshness.age,
@@ -51,10 +50,6 @@ def entry_of(freshness: Freshness, stored_at: float = T) -> Entry:
         stale_if_error=freshness.stale_if_error,
         must_revalidate=freshness.must_revalidate,
         no_cache=freshness.no_cache,
-        etag=None,
-        last_modified=None,
-        digest="",
-        length=0,
     )
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ import pytest
 
 from moxy.cache import BodyFile, DiskStorage, Entry, MemoryStorage, Storage, TieredStorage, make_key
 from moxy.cache.disk import MiB
+from tests.entries import make_entry as entry_of
 
 SMALL = 64 * 1024  # memory's entry cap and disk's inline limit in these tests
 
@@ -45,26 +45,14 @@ async def subject(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
 
 
 def make_entry(url: str = "https://img.example/a.png", body: bytes = b"\x89PNG small", **overrides: object) -> Entry:
-    fields: dict[str, object] = {
-        "key": make_key(url, {"accept": "image/*"}),
-        "url": url,
-        "status": 200,
-        "headers": (("content-type", "image/png"),),
+    defaults: dict[str, object] = {
         "stored_at": 1_700_000_000.0,
-        "age": 0.0,
         "lifetime": 600.0,
         "stale_while_revalidate": 60.0,
         "stale_if_error": 3600.0,
-        "must_revalidate": False,
-        "no_cache": False,
         "etag": '"v1"',
-        "last_modified": None,
-        "digest": hashlib.sha256(body).hexdigest(),
-        "length": len(body),
-        "body": body,
     }
-    fields.update(overrides)
-    return Entry(**fields)  # type: ignore[arg-type]
+    return entry_of(url, body, accept="image/*", **{**defaults, **overrides})
 
 
 def body_of(entry: Entry) -> bytes:
