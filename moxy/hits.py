@@ -24,7 +24,7 @@ from cachetools import LRUCache
 
 from moxy.cache.freshness import Decision, current_age, decide
 from moxy.proxy import CacheResult, Served
-from moxy.responses import EntryFields, content_length, entry_fields, hit_headers
+from moxy.responses import EntryFields, content_length, entry_fields, hit_headers, send_body
 from moxy.telemetry import Metrics, log_access
 
 if TYPE_CHECKING:
@@ -196,11 +196,12 @@ class Hits:
             started = time.perf_counter()
             key = self.memo.key_of(scope["path"], scope["query_string"], scope["headers"])
             found = self.memo.find(key) if key is not None else None
-            if found is not None:
+            # Only entries whose body is in memory are ever prepared; the check narrows the type for the send.
+            if found is not None and isinstance(found[1].body, bytes):
                 prepared, entry, now = found
                 headers = prepared.headers_at(current_age(entry, now))
                 await send({"type": "http.response.start", "status": 200, "headers": headers})
-                await send({"type": "http.response.body", "body": entry.body})
+                await send_body(send, found[1].body)
                 self.metrics.count_hit(time.perf_counter() - started)
                 if self.access_log:
                     log_access("GET", scope["path"], 200, "HIT", None, None, None, entry.length, started)

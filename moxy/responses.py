@@ -8,14 +8,13 @@ import asyncio
 import hashlib
 import math
 import re
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from email.utils import formatdate
 from typing import Any, Literal, TypeAlias
 
 import orjson
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from moxy.body import OpenBody
@@ -43,6 +42,7 @@ __all__ = [
     "hit_headers",
     "parse_range",
     "render",
+    "send_body",
     "surrogate_key",
 ]
 
@@ -54,8 +54,13 @@ SECURITY_HEADERS = {
 }
 # Stored headers that Moxy replaces with its own view (cache-control, age) or recomputes.
 NOT_SENT = frozenset({"cache-control", "expires", "date", "age", "etag", "content-length"})
-STREAM_CHUNK = 1024 * 1024
-WHOLE_READ_BYTES = 4 * 1024 * 1024
+# A body leaves in slices of SEND_SLICE bytes. The server buffers what a client has not read yet, and a slice is
+# handed over only once that buffer has drained: a client that reads slowly (or not at all) holds about one slice
+# and the server's high-water mark, not the whole body. Files are read FILE_READ_BYTES at a time (one thread hop
+# for most images). A client that takes no slice for SEND_STALL_SECONDS is given up on, its connection closed.
+SEND_SLICE = 64 * 1024
+FILE_READ_BYTES = 256 * 1024
+SEND_STALL_SECONDS = 30.0
 UPSTREAM_ERROR_MAX_AGE = 10
 REFUSED_REASON = "destination not allowed"
 # RFC 9110 §5.6.3: the only whitespace a field value may carry around it (str.strip() would also eat control bytes).
@@ -291,28 +296,44 @@ def _byte_range(request: Request, served: Served, length: int) -> RangeChoice:
     return parse_range(request.headers.get("range"), length)
 
 
-async def _file_chunks(body: OpenBody, start: int, end: int) -> AsyncIterator[bytes]:
-    position = start
-    while position <= end:
-        chunk = await asyncio.to_thread(body.read, position, min(STREAM_CHUNK, end + 1 - position))
-        if not chunk:
-            break
-        position += len(chunk)
-        yield chunk
+async def send_body(send: Send, body: bytes | memoryview, *, more_after: bool = False) -> bool:
+    """Send `body` in slices; False when the client stopped taking them (the answer is then abandoned)."""
+    view = memoryview(body)
+    for start in range(0, len(view), SEND_SLICE) if len(view) > SEND_SLICE else (0,):
+        piece = view[start : start + SEND_SLICE]
+        last = start + SEND_SLICE >= len(view) and not more_after
+        try:
+            async with asyncio.timeout(SEND_STALL_SECONDS):
+                await send({"type": "http.response.body", "body": bytes(piece), "more_body": not last})
+        except TimeoutError:
+            return False
+    return True
 
 
-class _FileRangeResponse(Response):
-    """A body from a file small enough to read in one go: one thread hop and one send, instead of a stream
-    of small reads (the disk-hit path for typical images)."""
+class _BodyResponse(Response):
+    """A stored body, sent in slices (see SEND_SLICE); a file-backed one read FILE_READ_BYTES at a time.
 
-    def __init__(self, body: OpenBody, start: int, end: int, **kwargs: Any) -> None:
+    Holding its own sending loop (instead of a streaming generator) means nothing is left suspended when the
+    client goes away: the open file is released with the response, at once."""
+
+    def __init__(self, body: bytes | OpenBody, start: int, end: int, **kwargs: Any) -> None:
         super().__init__(b"", **kwargs)
-        self.file_body, self.start, self.end = body, start, end
+        self.stored_body, self.start, self.end = body, start, end
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        content = await asyncio.to_thread(self.file_body.read, self.start, self.end + 1 - self.start)
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        await send({"type": "http.response.body", "body": content})
+        body, position, end = self.stored_body, self.start, self.end
+        if isinstance(body, bytes):
+            await send_body(send, memoryview(body)[position : end + 1])
+            return
+        while position <= end:
+            size = min(FILE_READ_BYTES, end + 1 - position)
+            chunk = await asyncio.to_thread(body.read, position, size)
+            if len(chunk) != size:
+                return  # the file shrank under us (it cannot, by design): end the answer short, never pad it
+            position += size
+            if not await send_body(send, chunk, more_after=position <= end):
+                return
 
 
 def _answer(response: Response, headers: list[tuple[bytes, bytes]]) -> Response:
@@ -330,9 +351,18 @@ def render(request: Request, served: Served, vary: str) -> Response:
     chosen = _byte_range(request, served, length)
     status, start, end = 200, 0, length - 1
     if chosen == "unsatisfiable":
-        headers = [field for field in headers if field[0] != b"content-type"]
-        headers += [(b"content-range", b"bytes */%d" % length), content_length(0)]
-        return _answer(Response(status_code=416), headers)
+        # The request's fault, like a 400: a small JSON error that no cache keeps (RFC 9110 §15.5.17 wants the
+        # Content-Range that names the real length). The entry's own caching fields do not describe this answer.
+        kept = {b"content-type", b"cache-control", b"content-length", b"age", b"etag", b"last-modified"}
+        headers = [field for field in headers if field[0] not in kept]
+        problem = b'{"error":"RangeNotSatisfiable","reason":"the range starts past the end of the body"}'
+        headers += [
+            (b"content-type", b"application/json"),
+            (b"cache-control", b"no-store"),
+            (b"content-range", b"bytes */%d" % length),
+            content_length(len(problem)),
+        ]
+        return _answer(Response(b"" if request.method == "HEAD" else problem, status_code=416), headers)
     if isinstance(chosen, tuple):
         status, (start, end) = 206, chosen
         headers.append((b"content-range", b"bytes %d-%d/%d" % (start, end, length)))
@@ -340,9 +370,7 @@ def render(request: Request, served: Served, vary: str) -> Response:
     body = served.body
     if request.method == "HEAD" or length == 0:
         return _answer(Response(b"", status_code=status), headers)
-    if isinstance(body, bytes):
+    if isinstance(body, bytes) and end + 1 - start <= SEND_SLICE:
         content = body if status == 200 else body[start : end + 1]
         return _answer(Response(content, status_code=status), headers)
-    if end + 1 - start <= WHOLE_READ_BYTES:
-        return _answer(_FileRangeResponse(body, start, end, status_code=status), headers)
-    return _answer(StreamingResponse(_file_chunks(body, start, end), status_code=status), headers)
+    return _answer(_BodyResponse(body, start, end, status_code=status), headers)
