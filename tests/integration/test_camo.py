@@ -19,6 +19,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
+from tests.assets import PNG
 from tests.integration.moxy_server import TEST_KEY, MoxyServer
 from tests.integration.origin import Origin, Reply
 
@@ -31,7 +32,6 @@ SHORT_KEY = "secret"
 CAMO_KEYS = f"{LEGACY_KEY},{SHORT_KEY}"
 WRONG_KEY = "not-the-camo-key"
 
-PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 4
 
 Form = Callable[[str, str], str]
 

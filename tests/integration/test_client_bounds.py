@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.assets import PNG
 from tests.integration.moxy_server import MoxyServer
 from tests.integration.origin import Origin, Reply
 
@@ -23,7 +24,6 @@ pytestmark = pytest.mark.integration
 HEAD_TIMEOUT = 2.0
 KEEPALIVE_TIMEOUT = 1
 MAX_CONNECTIONS = 40
-PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,11 @@ from collections.abc import Callable
 
 import pytest
 
+from tests.assets import PNG
 from tests.integration.moxy_server import MoxyServer
 from tests.integration.origin import Origin, Reply
 
 pytestmark = pytest.mark.integration
-
-PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 64
 
 
 @pytest.mark.parametrize("content_type, body", [("image/png", PNG), ("application/json", b'{"items": [1, 2, 3]}')])

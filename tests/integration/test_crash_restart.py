@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.assets import PNG
 from tests.integration.moxy_server import MoxyServer
 from tests.integration.origin import Origin, Reply, pattern_sha256
 
@@ -19,7 +20,6 @@ pytestmark = pytest.mark.integration
 StartMoxy = Callable[..., MoxyServer]
 SIZE = 50 * 1024 * 1024
 MiB = 1024 * 1024
-PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8
 
 
 def files(folder: Path) -> Iterator[Path]:

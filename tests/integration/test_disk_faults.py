@@ -27,14 +27,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from moxy.body import Spool as _BodySink
 from moxy.errors import UpstreamError
+from tests.assets import PNG
 from tests.integration.moxy_server import MoxyServer
 from tests.integration.origin import Origin, Reply
 
 pytestmark = pytest.mark.integration
 
-PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 16
 # Over the 2 MiB that a fetch keeps in memory before spooling to the cache folder.
-LARGE_PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + os.urandom(3 * 1024 * 1024)
+LARGE_PNG = PNG[:16] + os.urandom(3 * 1024 * 1024)
 SECURITY_HEADERS = {
     "x-content-type-options": "nosniff",
     "x-frame-options": "deny",

@@ -10,11 +10,11 @@ from collections.abc import Callable
 import httpx
 import pytest
 
+from tests.assets import PNG
 from tests.integration.moxy_server import MoxyServer
 from tests.integration.origin import ConnectionCounter, Origin, Reply, pattern, pattern_sha256
 
 pytestmark = pytest.mark.integration
-PNG = b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\rIHDR" + bytes(range(256)) * 8
 
 StartMoxy = Callable[..., MoxyServer]
 

@@ -8,12 +8,12 @@ from collections.abc import Callable
 import httpx
 import pytest
 
+from tests.assets import PNG
 from tests.integration.moxy_server import MoxyServer
 from tests.integration.origin import Origin, Reply
 
 pytestmark = pytest.mark.integration
 
-PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 4
 CONTROL_BYTES = [*range(0x01, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F]
 STORED_FIELDS = [
     "Content-Language",

@@ -10,12 +10,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.assets import PNG
 from tests.integration.moxy_server import MoxyServer
 from tests.integration.origin import Origin, Reply
 
 pytestmark = pytest.mark.integration
 
-PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 4
 MiB = 1024 * 1024
 
 

@@ -17,13 +17,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from moxy.signing import Signer
+from tests.assets import PNG
 from tests.integration.moxy_server import TEST_KEY, MoxyServer
 from tests.integration.origin import Origin, Reply
 from tests.net import free_port
 
 pytestmark = pytest.mark.integration
 StartMoxy = Callable[..., MoxyServer]
-PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
 WORDPRESS_ERROR = {"code": "rest_forbidden", "message": "Sorry.", "data": {"status": 401}}
 
 

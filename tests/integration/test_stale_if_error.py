@@ -8,12 +8,12 @@ from collections.abc import Callable
 import orjson
 import pytest
 
+from tests.assets import PNG
 from tests.integration.moxy_server import MoxyServer
 from tests.integration.origin import Origin, Reply
 
 pytestmark = pytest.mark.integration
 StartMoxy = Callable[..., MoxyServer]
-PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
 
 WORDPRESS_ERROR = {
     "code": "rest_no_route",

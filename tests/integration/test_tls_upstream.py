@@ -18,13 +18,13 @@ from moxy.config import Settings
 from moxy.errors import ConfigError
 from moxy.policy import DestinationPolicy
 from moxy.upstream import Upstream
+from tests.assets import PNG
 from tests.integration.moxy_server import MoxyServer
 from tests.integration.origin import Origin, Reply
 
 pytestmark = pytest.mark.integration
 StartMoxy = Callable[..., MoxyServer]
 
-PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
 SECURITY_HEADERS = {
     "x-content-type-options": "nosniff",
     "content-security-policy": "default-src 'none'; img-src data:; style-src 'unsafe-inline'; sandbox",

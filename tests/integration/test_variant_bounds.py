@@ -9,12 +9,11 @@ import httpx
 import pytest
 
 from moxy.cache.vary import ACCEPT_CLASSES
+from tests.assets import PNG
 from tests.integration.moxy_server import MoxyServer
 from tests.integration.origin import Origin, Reply
 
 pytestmark = pytest.mark.integration
-
-PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 4
 
 
 def test_distinct_accept_strings_make_a_few_variants(origin: Origin, start_moxy: Callable[..., MoxyServer]) -> None:
