@@ -24,7 +24,7 @@ from moxy.cache.purges import PurgeLog
 from moxy.config import Settings
 from moxy.errors import MoxyError
 from moxy.proxy import CacheResult, Proxy, ProxyRequest, Served
-from moxy.responses import error_response, render, surrogate_key
+from moxy.responses import SECURITY_HEADERS, error_response, render, surrogate_key
 from moxy.signing import Signer
 from moxy.telemetry import (
     CONTENT_TYPE as METRICS_CONTENT_TYPE,
@@ -69,7 +69,11 @@ class Components:
         return ", ".join(self.settings.forward_headers)
 
 
-_NO_STORE = {"cache-control": "no-store"}
+# Operational answers (health, readiness, metrics, purge, refusals) are never cached and carry the same
+# security headers as the proxy's own: whatever a client asks, no answer of Moxy's lacks them.
+_NO_STORE = {**SECURITY_HEADERS, "cache-control": "no-store"}
+# A purge body is a small JSON object naming one URL; anything larger is refused before it is read whole.
+MAX_PURGE_BODY_BYTES = 64 * 1024
 
 
 def _json(body: bytes, status: int = 200, headers: Mapping[str, str] = _NO_STORE) -> Response:
@@ -163,8 +167,13 @@ class _Endpoints:
                 401,
                 {**_NO_STORE, "www-authenticate": "Bearer"},
             )
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_PURGE_BODY_BYTES:
+                return _json(b'{"error":"PayloadTooLarge","reason":"a purge body is one small JSON object"}', 413)
         try:
-            payload = orjson.loads(await request.body())
+            payload = orjson.loads(body)
             url = payload["url"]
             if not isinstance(url, str):
                 raise TypeError
@@ -221,4 +230,24 @@ def router(components: Components, *, on_hit: OnHit | None = None) -> Starlette:
     if components.settings.purge_token is not None:
         routes.append(Route("/purge", endpoints.purge, methods=["POST"]))
     routes.append(Route("/{path:path}", endpoints.proxy, methods=["GET", "HEAD"]))
-    return Starlette(routes=routes)
+    metrics, access_log = components.metrics, components.settings.access_log
+
+    async def refused(request: Request, exc: Exception) -> Response:
+        # What no route takes (another method, a target that is no path such as `OPTIONS *`): the same JSON
+        # error shape, security headers, no-store, access log and metrics as every other answer.
+        started = time.perf_counter()
+        status = getattr(exc, "status_code", 404)
+        headers = dict(_NO_STORE)
+        if status == 405:
+            headers["allow"] = "GET, HEAD"
+            body = b'{"error":"MethodNotAllowed","reason":"Moxy answers GET and HEAD"}'
+        else:
+            status, body = 404, b'{"error":"NotFound","reason":"no such endpoint"}'
+        response = _json(b"" if request.method == "HEAD" else body, status, headers)
+        metrics.count_request(status, CacheResult.BYPASS.value, time.perf_counter() - started)
+        if access_log:
+            path = request.scope.get("path", "")
+            log_access(request.method, path, status, "BYPASS", None, None, None, len(body), started)
+        return response
+
+    return Starlette(routes=routes, exception_handlers={404: refused, 405: refused})

@@ -20,6 +20,7 @@ from moxy.app import Plan, open_components
 from moxy.config import Settings
 from moxy.errors import UpstreamError, UpstreamTimeout
 from moxy.proxy import Proxy, ProxyRequest, Served
+from moxy.responses import SECURITY_HEADERS
 from moxy.signing import Signer
 from moxy.telemetry import INTERNAL_ERROR, measured
 from moxy.upstream import UpstreamResponse
@@ -238,6 +239,14 @@ async def test_purge_needs_a_url_in_its_body(rig: Rig, body: bytes) -> None:
     assert response.json()["error"] == "BadRequest"
 
 
+async def test_purge_refuses_a_body_past_its_bound_before_reading_it_whole(rig: Rig) -> None:
+    body = b'{"url": "' + b"x" * (routes.MAX_PURGE_BODY_BYTES + 1) + b'"}'
+    response = await rig.client.post("/purge", content=body, headers={"authorization": f"Bearer {TOKEN}"})
+    assert response.status_code == 413
+    assert response.json()["error"] == "PayloadTooLarge"
+    assert response.headers["x-content-type-options"] == "nosniff"
+
+
 async def test_purge_removes_the_entry(rig: Rig) -> None:
     rig.fetch.answers[URL] = png()
     url = rig.sign()
@@ -264,7 +273,29 @@ async def test_without_a_token_there_is_no_purge_endpoint(rig: Rig) -> None:
     assert response.status_code == 405  # the proxy route's path, which takes GET and HEAD only
 
 
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE"])
+async def test_other_methods_get_a_json_405_like_every_other_error(rig: Rig, method: str) -> None:
+    response = await rig.client.request(method, rig.sign())
+    assert response.status_code == 405
+    assert response.json() == {"error": "MethodNotAllowed", "reason": "Moxy answers GET and HEAD"}
+    assert response.headers["allow"] == "GET, HEAD"
+    assert response.headers["cache-control"] == "no-store"
+    for name, value in SECURITY_HEADERS.items():
+        assert response.headers[name] == value
+    assert await rig.metric('moxy_requests_total{cache="BYPASS",status="405"} 1.0')
+    assert rig.fetch.calls == []
+
+
 # -- health, readiness, metrics --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics"])
+async def test_operational_answers_carry_the_security_headers(rig: Rig, path: str) -> None:
+    response = await rig.client.get(path)
+    assert response.status_code == 200
+    assert response.headers["cache-control"] == "no-store"
+    for name, value in SECURITY_HEADERS.items():
+        assert response.headers[name] == value
 
 
 async def test_healthz(rig: Rig) -> None:
