@@ -14,8 +14,7 @@ from moxy.config import Settings
 from moxy.proxy import Proxy
 from moxy.signing import Signer
 from moxy.telemetry import INTERNAL_ERROR
-
-KEY = "unit-test-key-0123456789abcdef"
+from tests.assets import KEY
 
 pytestmark = pytest.mark.anyio
 

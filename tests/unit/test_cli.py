@@ -26,9 +26,8 @@ from moxy import __version__
 from moxy.cli import ensure_key_file, main, new_key
 from moxy.server import BoundedHttpToolsProtocol
 from moxy.signing import Signer
+from tests.assets import CAMO_KEY, KEY, OLD_KEY
 
-KEY = "k3y-for-tests-0123456789abcdef"
-OLD_KEY = "an-older-key-that-was-rotated-out"
 BASE = "https://cdn.example.com"
 
 URLS = [
@@ -253,15 +252,15 @@ def test_verify_expired_names_the_expiry() -> None:
 
 def test_verify_camo_form_with_camo_key() -> None:
     url = "http://example.com/pic.png"
-    digest = hmac.new(b"short-camo-key", url.encode(), hashlib.sha1).hexdigest()
+    digest = hmac.new(CAMO_KEY.encode(), url.encode(), hashlib.sha1).hexdigest()
     camo = f"{BASE}/{digest}/{url.encode().hex()}"
-    result = run("verify", camo, env={"MOXY_KEY": KEY, "MOXY_CAMO_KEY": "short-camo-key"})
+    result = run("verify", camo, env={"MOXY_KEY": KEY, "MOXY_CAMO_KEY": CAMO_KEY})
     assert result.stdout == url + "\n"
     one_line_error(run("verify", camo, env={"MOXY_KEY": KEY}), 1)
     # A site checking its old camo links needs only the camo key; native URLs then cannot verify.
-    assert run("verify", camo, env={"MOXY_CAMO_KEY": "short-camo-key"}).stdout == url + "\n"
+    assert run("verify", camo, env={"MOXY_CAMO_KEY": CAMO_KEY}).stdout == url + "\n"
     native = Signer([KEY], BASE).sign(url)
-    one_line_error(run("verify", native, env={"MOXY_CAMO_KEY": "short-camo-key"}), 1)
+    one_line_error(run("verify", native, env={"MOXY_CAMO_KEY": CAMO_KEY}), 1)
     one_line_error(run("verify", native, env={}), 2)  # no key of any kind: a configuration error
 
 
@@ -291,7 +290,7 @@ def test_new_key_is_usable() -> None:
 def test_config_masks_secrets(tmp_path: Path) -> None:
     env = {
         "MOXY_KEY": f"{KEY},{OLD_KEY}",
-        "MOXY_CAMO_KEY": "short-camo-key",
+        "MOXY_CAMO_KEY": CAMO_KEY,
         "MOXY_PURGE_TOKEN": "purge-token-value-42",
         "MOXY_REDIS_URL": "redis://:redis-password-99@127.0.0.1:6379/0",
         "MOXY_PORT": "9000",
@@ -306,7 +305,7 @@ def test_config_masks_secrets(tmp_path: Path) -> None:
     assert "MOXY_ALLOWED_NETWORKS=127.0.0.0/8,::1/128" in lines
     assert "MOXY_KEY_FILE=" in lines
     everything = result.stdout + result.stderr
-    for secret in (KEY, OLD_KEY, "short-camo-key", "purge-token-value-42", "redis-password-99"):
+    for secret in (KEY, OLD_KEY, CAMO_KEY, "purge-token-value-42", "redis-password-99"):
         assert secret not in everything
 
 

@@ -11,9 +11,7 @@ from pydantic import ValidationError
 
 from moxy.config import DEFAULT_CONTENT_TYPES, Settings, load_settings
 from moxy.errors import ConfigError
-
-KEY = "k3y-for-tests-0123456789abcdef"
-OLD_KEY = "an-older-key-that-was-rotated-out"
+from tests.assets import CAMO_KEY, KEY, OLD_KEY
 
 
 @pytest.fixture(autouse=True)
@@ -271,15 +269,15 @@ def test_sixteen_byte_key_is_enough(monkeypatch: pytest.MonkeyPatch, key: str) -
 
 
 def test_camo_keys_may_be_short_and_several(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MOXY_CAMO_KEY", "short-camo-key, other ,")
-    assert load_settings().camo_keys() == ["short-camo-key", "other"]
+    monkeypatch.setenv("MOXY_CAMO_KEY", f"{CAMO_KEY}, other ,")
+    assert load_settings().camo_keys() == [CAMO_KEY, "other"]
 
 
 # -- secrets stay hidden ---------------------------------------------------------------------------
 
 SECRETS = {
     "MOXY_KEY": f"{KEY},{OLD_KEY}",
-    "MOXY_CAMO_KEY": "short-camo-key",
+    "MOXY_CAMO_KEY": CAMO_KEY,
     "MOXY_PURGE_TOKEN": "purge-token-value-42",
     "MOXY_REDIS_URL": "redis://:redis-password-99@127.0.0.1:6379/0",
 }
@@ -293,7 +291,7 @@ def test_masked_hides_every_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in SECRETS:
         assert shown[name] == "********"
     flat = repr(shown) + repr(settings) + str(settings)
-    for needle in (KEY, OLD_KEY, "short-camo-key", "purge-token-value-42", "redis-password-99"):
+    for needle in (KEY, OLD_KEY, CAMO_KEY, "purge-token-value-42", "redis-password-99"):
         assert needle not in flat
     assert shown["MOXY_PORT"] == 8080
     assert shown["MOXY_FORWARD_HEADERS"] == "Accept"

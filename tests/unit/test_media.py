@@ -36,6 +36,8 @@ def ftyp(major: bytes, *compatible: bytes) -> bytes:
     return struct.pack(">I", 8 + len(payload)) + b"ftyp" + payload + b"\x00\x00\x00\x08free"
 
 
+# A whole, well-formed PNG (checked chunks), not tests/assets.PNG, which only starts like one: sniffing is tested on
+# real file heads.
 PNG = png()
 JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00" + b"\x00" * 32 + b"\xff\xd9"
 GIF = (

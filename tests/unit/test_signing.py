@@ -19,10 +19,8 @@ from hypothesis import example, given, settings, strategies as st
 from moxy.cli import main as moxy_command
 from moxy.errors import BadSignature, ConfigError, ExpiredURL, MalformedURL, UnsignableURL, VerificationError
 from moxy.signing import Signer, VerifiedURL, check_signable, sign_url
+from tests.assets import CAMO_KEY, KEY, OLD_KEY
 
-KEY = "k3y-for-tests-0123456789abcdef"  # 30 bytes
-OLD_KEY = "an-older-key-that-was-rotated-out"
-CAMO_KEY = "short-camo-key"  # 14 bytes: legacy camo keys may be short
 BASE = "https://cdn.example.com"
 NOW = 1_700_000_000
 B64URL_ALPHABET = string.ascii_letters + string.digits + "-_"

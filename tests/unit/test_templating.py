@@ -31,9 +31,8 @@ from moxy.cli import main
 from moxy.errors import ConfigError, UnsignableURL
 from moxy.signing import Signer, check_signable
 from moxy.templating import setup_jinja2
+from tests.assets import KEY, OLD_KEY
 
-KEY = "k3y-for-tests-0123456789abcdef"
-OLD_KEY = "an-older-key-that-was-rotated-out"
 BASE = "https://cdn.example.com"
 NOW = 1_700_000_000.25  # a fixed clock with a fraction, so truncation to whole seconds is exercised
 
