@@ -31,9 +31,10 @@ from moxy.policy import DestinationPolicy
 from moxy.proxy import CacheResult, Proxy, Served
 from moxy.responses import parse_range, render
 from moxy.signing import Signer
-from moxy.upstream import UpstreamResponse
 from moxy.validation import build_chain
+from tests.assets import KEY
 from tests.entries import make_entry
+from tests.fakes.fetch import FakeFetch
 
 PROPERTY = settings(
     max_examples=200,
@@ -233,15 +234,11 @@ def test_media_type_never_raises(value: str) -> None:
     assert essence == essence.lower()
 
 
-async def _no_fetch(url: str, headers: Mapping[str, str]) -> UpstreamResponse:
-    raise AssertionError("no fetch expected")
-
-
 FORWARDING = Proxy(
-    signer=Signer(["header-properties-key-0123456789"], "http://moxy.test"),
+    signer=Signer([KEY], "http://moxy.test"),
     policy=DestinationPolicy(),
     storage=MemoryStorage(1 << 20, 1 << 16),
-    fetch=_no_fetch,
+    fetch=FakeFetch(),  # no answer scripted: a fetch fails the test
     validators=build_chain(content_types=["image/*"], max_body_bytes=1 << 20),
     freshness=RULES,
 )

@@ -6,7 +6,7 @@ import asyncio
 import gc
 import weakref
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -31,22 +31,16 @@ from moxy.policy import DestinationPolicy
 from moxy.proxy import CacheResult, Proxy, Served
 from moxy.responses import render
 from moxy.signing import Signer
-from moxy.upstream import UpstreamResponse
 from moxy.validation import build_chain
+from tests.assets import KEY
 from tests.entries import make_entry
+from tests.fakes.clock import Clock
+from tests.fakes.fetch import FakeFetch
 
 pytestmark = pytest.mark.anyio
 
 URL = "https://images.example/cat.png"
 BODY = b"\x89PNG\r\n\x1a\n" + b"z" * 1000
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def entry(body: bytes = BODY, **changes: object) -> Entry:
@@ -224,7 +218,6 @@ async def test_the_memo_is_bounded_in_bytes_whatever_clients_send(tmp_path: Path
 
 # -- the memo and the full flow agree, byte for byte -------------------------------------------------------------
 
-KEY = "hits-property-key-0123456789abcdef"
 BASE = "http://testserver"
 PROPERTY = settings(max_examples=300, derandomize=True, database=None, deadline=None)
 CONTENT_TYPES = [None, "image/png", "text/plain", "text/css; charset=latin-1", "application/json"]
@@ -277,10 +270,6 @@ def base(tmp_path: Path) -> Iterator[tuple[routes.Components, Path]]:
     components = asyncio.run(open_components(Plan.of(settings_)))
     yield components, tmp_path
     asyncio.run(components.upstream.aclose())
-
-
-async def _failing_fetch(url: str, headers: Mapping[str, str]) -> UpstreamResponse:
-    raise UpstreamError("connect-failed")
 
 
 def test_the_memo_answers_exactly_what_the_full_flow_answers(base: tuple[routes.Components, Path]) -> None:
@@ -377,7 +366,7 @@ def test_the_memo_answers_exactly_what_the_full_flow_answers(base: tuple[routes.
                     signer=signer,
                     policy=DestinationPolicy(),
                     storage=TieredStorage([memory], purges),
-                    fetch=_failing_fetch,
+                    fetch=FakeFetch(clock, otherwise=UpstreamError("connect-failed")),
                     validators=build_chain(content_types=["image/*"], max_body_bytes=1 << 20),
                     freshness=FreshnessRules(0, 1e9, 60, 0, 0),
                     purges=purges,

@@ -7,16 +7,9 @@ import asyncio
 import pytest
 
 from moxy.hosts import HostBusy, HostGate, HostUnavailable
+from tests.fakes.clock import Clock
 
 pytestmark = pytest.mark.anyio
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def gate(clock: Clock | None = None, **overrides: float) -> HostGate:
@@ -27,7 +20,7 @@ def gate(clock: Clock | None = None, **overrides: float) -> HostGate:
         wait_timeout=options["wait_timeout"],
         failure_threshold=int(options["failure_threshold"]),
         cooldown=options["cooldown"],
-        clock=clock or Clock(),
+        clock=clock or Clock(1000.0),
     )
 
 
@@ -53,7 +46,7 @@ async def test_a_full_host_makes_its_own_fetches_wait_not_the_others() -> None:
 
 
 async def test_breaker_opens_after_consecutive_failures_and_one_probe_closes_it() -> None:
-    clock = Clock()
+    clock = Clock(1000.0)
     hosts = gate(clock)
     for _ in range(3):
         async with hosts.slot("down.example:80"):
@@ -77,7 +70,7 @@ async def test_breaker_opens_after_consecutive_failures_and_one_probe_closes_it(
 
 
 async def test_a_failed_probe_reopens_for_a_whole_cooldown() -> None:
-    clock = Clock()
+    clock = Clock(1000.0)
     hosts = gate(clock)
     for _ in range(3):
         async with hosts.slot("down.example:80"):
@@ -103,7 +96,9 @@ async def test_a_success_resets_the_count() -> None:
 
 
 async def test_idle_hosts_are_forgotten_past_the_bound() -> None:
-    hosts = HostGate(per_host=1, wait_timeout=1.0, failure_threshold=1, cooldown=1.0, clock=Clock(), max_hosts=100)
+    hosts = HostGate(
+        per_host=1, wait_timeout=1.0, failure_threshold=1, cooldown=1.0, clock=Clock(1000.0), max_hosts=100
+    )
     for number in range(5_000):
         async with hosts.slot(f"h{number}.example:80"):
             pass

@@ -1,16 +1,15 @@
 """The request flow of moxy.proxy without sockets.
 
 Signer, destination policy, validator chain, freshness rules, storage and purge log are the real ones; only the
-upstream is a scripted fake (it records every call and can hold a fetch open on an event) and the clock is
-driven by hand, so every freshness decision below is exact."""
+upstream is a scripted fake (tests/fakes/fetch.py: it records every call and can hold a fetch open on an event) and
+the clock is driven by hand, so every freshness decision below is exact."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -28,18 +27,19 @@ from moxy.errors import BadSignature, DestinationRefused, ExpiredURL, UpstreamEr
 from moxy.policy import DestinationPolicy
 from moxy.proxy import CacheResult, Failed, Outcome, Proxy, ProxyRequest, Served
 from moxy.signing import Signer
-from moxy.upstream import UpstreamResponse
 from moxy.validation import ACCEPT, Candidate, Verdict, build_chain
+from tests.assets import JSON_BODY, KEY
+from tests.fakes.clock import Clock
+from tests.fakes.fetch import Answer, Call, FakeFetch, Scripted
 
 pytestmark = pytest.mark.anyio
 
-KEY = "unit-test-key-for-the-proxy-flow"
 URL = "https://api.example/wp-json/wp/v2/posts?per_page=3"
 START = 1_700_000_000.0
 MiB = 1024 * 1024
 JSON = "application/json"
 JSON_ACCEPT = ACCEPT_JSON_CLASS  # an Accept already in its normalised form, so the test's keys match the proxy's
-GOOD = orjson.dumps([{"id": 1, "title": "hello"}, {"id": 2, "title": "world"}])
+GOOD = JSON_BODY  # what the fake upstream answers unless told otherwise
 NEWER = orjson.dumps([{"id": 3, "title": "newer"}])
 WP_ERROR = orjson.dumps(
     {"code": "rest_forbidden", "message": "Sorry, you are not allowed to do that.", "data": {"status": 401}}
@@ -57,98 +57,10 @@ def record_validating_thread(candidate: Candidate) -> Verdict:
     return ACCEPT
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = START
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-@dataclass(frozen=True)
-class Answer:
-    """What the fake upstream replies; `spool` delivers the body through a file, as the fetcher does for big ones."""
-
-    body: bytes = GOOD
-    status: int = 200
-    headers: Mapping[str, str] = field(default_factory=lambda: {"content-type": JSON, "cache-control": "max-age=60"})
-    spool: Path | None = None
-    before: Callable[[], None] | None = None  # a side effect at answer time (after the gate opened)
-
-    def response(self, url: str, now: float, number: int) -> UpstreamResponse:
-        if self.before is not None:
-            self.before()
-        body: bytes | None = self.body
-        body_path: str | None = None
-        if self.spool is not None:
-            path = self.spool / f"spooled-{number}"
-            path.write_bytes(self.body)
-            body, body_path = None, str(path)
-        return UpstreamResponse(
-            url=url,
-            status=self.status,
-            headers=dict(self.headers),
-            body=body,
-            body_path=body_path,
-            length=len(self.body),
-            declared_length=len(self.body) if self.body else None,
-            request_time=now,
-            response_time=now,
-        )
-
-
-Scripted = Answer | UpstreamError
-
-
-@dataclass(frozen=True)
-class Call:
-    url: str
-    headers: dict[str, str]
-
-
-class Upstream:
-    """The fetch seam: replies in script order, each optionally held until its gate is set."""
-
-    def __init__(self, clock: Clock) -> None:
-        self.clock = clock
-        self.calls: list[Call] = []
-        self.active = 0
-        self.peak = 0
-        self.otherwise: Scripted | None = None  # reply to calls beyond the script; None fails them
-        self._script: deque[tuple[Scripted, asyncio.Event | None]] = deque()
-
-    def then(self, step: Scripted, *, gate: asyncio.Event | None = None) -> Upstream:
-        self._script.append((step, gate))
-        return self
-
-    async def __call__(self, url: str, headers: Mapping[str, str]) -> UpstreamResponse:
-        self.calls.append(Call(url, dict(headers)))
-        if self._script:
-            step, gate = self._script.popleft()
-        elif self.otherwise is not None:
-            step, gate = self.otherwise, None
-        else:
-            raise AssertionError(f"unexpected fetch #{len(self.calls)} of {url}")
-        self.active += 1
-        self.peak = max(self.peak, self.active)
-        try:
-            if gate is not None:
-                # Bounded, so a test that forgets to open a gate fails instead of hanging.
-                await asyncio.wait_for(gate.wait(), timeout=5)
-        finally:
-            self.active -= 1
-        if isinstance(step, UpstreamError):
-            raise step
-        return step.response(url, self.clock(), len(self.calls))
-
-
 @dataclass
 class Rig:
     proxy: Proxy
-    upstream: Upstream
+    upstream: FakeFetch
     clock: Clock
     storage: Storage
     signer: Signer
@@ -196,9 +108,9 @@ async def make_rig(tmp_path: Path) -> AsyncIterator[MakeRig]:
         policy: DestinationPolicy | None = None,
         custom: tuple[str, ...] = (),
     ) -> Rig:
-        clock = clock or Clock()
+        clock = clock or Clock(START)
         signer = Signer([KEY], "https://moxy.example", clock=clock)
-        upstream = Upstream(clock)
+        upstream = FakeFetch(clock)
         storage = storage if storage is not None else MemoryStorage(64 * MiB, 8 * MiB)
         purges = purges if purges is not None else PurgeLog(tmp_path / f"purges-{len(built)}.log")
         rejections: list[tuple[str, str]] = []
@@ -673,7 +585,7 @@ async def test_purge_reaches_other_variants_through_the_log(make_rig: MakeRig) -
 
 
 async def test_purge_through_another_worker_stops_the_memory_copy(make_rig: MakeRig, tmp_path: Path) -> None:
-    clock = Clock()
+    clock = Clock(START)
     log_path = tmp_path / "shared" / "purges.log"
     first = make_rig(clock=clock, purges=PurgeLog(log_path))
     second = make_rig(clock=clock, purges=PurgeLog(log_path))
