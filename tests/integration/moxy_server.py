@@ -14,8 +14,8 @@ from typing import Any
 import httpx
 
 from moxy.signing import Signer
+from tests.assets import KEY
 
-TEST_KEY = "integration-test-key-0123456789"
 # What a fault of Moxy's own code leaves in its log (moxy.app's record, uvicorn's report of an escaped exception).
 INTERNAL_ERROR_SIGNS = (
     '"event":"internal-error"',
@@ -51,7 +51,7 @@ class MoxyServer:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MOXY_")}
         env.update(
             {
-                "MOXY_KEY": TEST_KEY,
+                "MOXY_KEY": KEY,
                 "MOXY_BASE_URL": self.base_url,
                 "MOXY_CACHE_DIR": str(self.cache_dir),
                 "MOXY_ALLOWED_NETWORKS": "127.0.0.0/8,::1/128",
@@ -82,7 +82,7 @@ class MoxyServer:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def sign(self, url: str, expires_in: float | None = None) -> str:
-        return Signer([TEST_KEY], self.base_url).sign(url, expires_in=expires_in)
+        return Signer([KEY], self.base_url).sign(url, expires_in=expires_in)
 
     def get(self, url: str, **kwargs: Any) -> httpx.Response:
         return httpx.get(self.sign(url), timeout=kwargs.pop("timeout", 30), **kwargs)

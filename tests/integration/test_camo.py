@@ -19,8 +19,8 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from tests.assets import PNG
-from tests.integration.moxy_server import TEST_KEY, MoxyServer
+from tests.assets import KEY, PNG
+from tests.integration.moxy_server import MoxyServer
 from tests.integration.origin import Origin, Reply
 
 pytestmark = pytest.mark.integration
@@ -218,7 +218,7 @@ def test_short_camo_key_is_accepted_with_a_warning_at_start(camo_moxy: MoxyServe
 
 def _verify(moxy_url: str, camo_key: str | None) -> subprocess.CompletedProcess[str]:
     env = {name: value for name, value in os.environ.items() if not name.startswith("MOXY_")}
-    env.update({"MOXY_KEY": TEST_KEY, "PYTHONUTF8": "1"})
+    env.update({"MOXY_KEY": KEY, "PYTHONUTF8": "1"})
     if camo_key is not None:
         env["MOXY_CAMO_KEY"] = camo_key
     return subprocess.run(

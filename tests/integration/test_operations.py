@@ -17,8 +17,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from moxy.signing import Signer
-from tests.assets import PNG
-from tests.integration.moxy_server import TEST_KEY, MoxyServer
+from tests.assets import KEY, PNG
+from tests.integration.moxy_server import MoxyServer
 from tests.integration.origin import Origin, Reply
 from tests.net import free_port
 
@@ -111,7 +111,7 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., tuple[subprocess.Popen[bytes
         port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MOXY_", "PROMETHEUS_"))}
         env |= {
-            "MOXY_KEY": TEST_KEY,
+            "MOXY_KEY": KEY,
             "MOXY_CACHE_DIR": str(tmp_path / "cache"),
             "MOXY_ALLOWED_NETWORKS": "127.0.0.0/8",
             "MOXY_ACCESS_LOG": "false",
@@ -142,7 +142,7 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., tuple[subprocess.Popen[bytes
 def test_metrics_sum_over_workers(origin: Origin, serve: Callable[..., tuple[subprocess.Popen[bytes], str]]) -> None:
     origin.route("/a.png", Reply(headers={"Content-Type": "image/png", "Cache-Control": "max-age=600"}, body=PNG))
     process, base = serve("--workers", "2")
-    url = Signer([TEST_KEY], base).sign(origin.url("/a.png"))
+    url = Signer([KEY], base).sign(origin.url("/a.png"))
     for _ in range(30):  # a new connection each: uvicorn's workers share the listener, so both take some
         assert httpx.get(url).status_code == 200
     totals = set()
@@ -157,7 +157,7 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(
 ) -> None:
     origin.route("/slow.png", Reply(headers={"Content-Type": "image/png"}, body=PNG, delay_headers=1.0))
     process, base = serve()
-    url = Signer([TEST_KEY], base).sign(origin.url("/slow.png"))
+    url = Signer([KEY], base).sign(origin.url("/slow.png"))
     answers: list[httpx.Response] = []
     client = threading.Thread(target=lambda: answers.append(httpx.get(url, timeout=30)))
     client.start()

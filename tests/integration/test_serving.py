@@ -16,7 +16,8 @@ import httpx
 import pytest
 
 from moxy.signing import Signer
-from tests.integration.moxy_server import TEST_KEY, MoxyServer
+from tests.assets import KEY
+from tests.integration.moxy_server import MoxyServer
 from tests.integration.origin import Origin, Reply, pattern
 
 pytestmark = pytest.mark.integration
@@ -120,7 +121,7 @@ def test_cache_control_carries_the_full_lifetime_and_age_grows(
     expiring_path, _ = _publish(serving_origin, moxy, _image())
     # The signed URL expires one to two whole seconds from now (expiry has one-second resolution).
     expires_at = math.ceil(time.time()) + 1
-    expiring = Signer([TEST_KEY], moxy.base_url).sign(serving_origin.url(expiring_path), expires_at=expires_at)
+    expiring = Signer([KEY], moxy.base_url).sign(serving_origin.url(expiring_path), expires_at=expires_at)
     miss = http.get(url)
     aged = http.get(aged_url)
     # A second and third request: the repeat hits answered without the full flow must say the same.
