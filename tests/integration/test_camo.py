@@ -1,4 +1,4 @@
-"""Camo and go-camo URLs served by a real Moxy (DESIGN section 1, "Camo-compatible formats").
+"""Camo and go-camo URLs served by a real Moxy (the camo-compatible formats).
 
 The legacy URLs are built here from camo's and go-camo's published algorithms, never with moxy.signing:
 HMAC-SHA1 over the upstream URL's UTF-8 bytes, then either hex digest + hex URL (path form), hex digest +
@@ -205,7 +205,7 @@ def test_camo_forms_are_refused_without_a_camo_key(http: httpx.Client, camo_orig
 
 
 def test_short_camo_key_is_accepted_with_a_warning_at_start(camo_moxy: MoxyServer) -> None:
-    # DESIGN section 1: short legacy keys are accepted "with a warning at start". The warning must name the
+    # Short legacy keys are accepted, with a warning at start. The warning must name the
     # setting and must not leak the key.
     log = camo_moxy.log()
     not_access_log = [line for line in log.splitlines() if not line.startswith('{"time"')]

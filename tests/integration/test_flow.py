@@ -207,7 +207,7 @@ def test_five_hundred_concurrent_requests(origin: Origin, start_moxy: StartMoxy)
 
 
 def test_repeat_hits_answer_exactly_like_the_first_hit(origin: Origin, start_moxy: StartMoxy) -> None:
-    """The third request takes the prepared-hit shortcut; nothing a client sees may differ from the second."""
+    """The third request is answered by the hit memo (moxy.hits); nothing a client sees may differ from the second."""
     origin.route("/same.png", Reply(headers={"Content-Type": "image/png", "Cache-Control": "max-age=600"}, body=PNG))
     moxy = start_moxy()
     url = moxy.sign(origin.url("/same.png"))
@@ -222,7 +222,7 @@ def test_repeat_hits_answer_exactly_like_the_first_hit(origin: Origin, start_mox
         assert answer.content == PNG
         assert answer.headers["cache-status"].startswith("moxy; hit; ttl=")
         assert int(answer.headers["age"]) >= 0
-    # Conditional and range requests still get their own answers after the shortcut is prepared.
+    # Conditional and range requests still get their own answers after the memo holds the hit.
     etag = answers[3].headers["etag"]
     assert httpx.get(url, headers={"Accept": "image/webp", "If-None-Match": etag}).status_code == 304
     ranged = httpx.get(url, headers={"Accept": "image/webp", "Range": "bytes=0-7"})

@@ -1,4 +1,4 @@
-"""Operations (DESIGN section 7) against real processes: /metrics, /readyz, and a clean stop on SIGTERM."""
+"""Operations against real processes: /metrics, /readyz, and a clean stop on SIGTERM."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def test_metrics_count_what_happened(origin: Origin, start_moxy: StartMoxy) -> N
     origin.route("/feed.json", Reply.json(WORDPRESS_ERROR))
     origin.route("/down.png", Reply(status=500, body=b"oops"))
     moxy = start_moxy()
-    statuses = [moxy.get(origin.url("/a.png")).status_code for _ in range(3)]  # MISS, HIT, shortcut HIT
+    statuses = [moxy.get(origin.url("/a.png")).status_code for _ in range(3)]  # MISS, HIT, HIT from the hit memo
     assert statuses == [200, 200, 200]
     assert moxy.get(origin.url("/feed.json")).status_code == 502
     assert moxy.get(origin.url("/down.png")).status_code == 502

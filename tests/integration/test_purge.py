@@ -1,4 +1,4 @@
-"""POST /purge and `moxy purge` against a real Moxy (DESIGN sections 2 and 6).
+"""POST /purge and `moxy purge` against a real Moxy.
 
 A purge is proved by what the origin sees: after it, the next request for the URL reaches the origin again
 (origin.hits) and carries the origin's new bytes."""
@@ -64,7 +64,7 @@ def purge(moxy: MoxyServer, body: Any, authorization: str | None = f"Bearer {TOK
 
 def removed(answer: httpx.Response) -> int:
     """The count of a successful purge answer, after checking its shape: `{"removed": n}`, plus the URL's
-    `surrogate_key` when Moxy reports one (DESIGN section 6)."""
+    `surrogate_key` when Moxy reports one."""
     assert answer.status_code == 200, answer.text
     assert answer.headers["content-type"] == "application/json"
     body = answer.json()

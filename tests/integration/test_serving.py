@@ -1,5 +1,5 @@
-"""What a CDN in front of a real Moxy sees (DESIGN section 6): validators, Cache-Control with the full lifetime
-and Age, Cache-Status, Vary, security headers, no cookies, conditional and range requests, HEAD, error caching.
+"""What a CDN in front of a real Moxy sees: validators, Cache-Control with the full lifetime and Age, Cache-Status,
+Vary, security headers, no cookies, conditional and range requests, HEAD, error caching.
 
 One Moxy and one origin serve the whole module; every test uses its own upstream paths."""
 
@@ -136,7 +136,7 @@ def test_cache_control_carries_the_full_lifetime_and_age_grows(
     late_hits = [http.get(url), http.get(url)]
     for hit in late_hits:
         assert hit.headers["x-moxy-cache"] == "HIT"
-        # DESIGN section 6: the lifetime stays whole and Age counts up; a CDN subtracts Age itself.
+        # The lifetime stays whole and Age counts up; a CDN subtracts Age itself.
         assert hit.headers["cache-control"] == expected
         assert 1 <= int(hit.headers["age"]) <= 5
         assert abs(_ttl(hit.headers["cache-status"]) - (100 - int(hit.headers["age"]))) <= 1  # both truncate
@@ -251,7 +251,7 @@ def test_if_modified_since_with_the_last_modified_moxy_sent(
     http: httpx.Client, serving_origin: Origin, moxy: MoxyServer
 ) -> None:
     # The upstream sent no Last-Modified; Moxy sends one of its own, and a client revalidating with it must get
-    # a 304 like any other (DESIGN section 6: If-Modified-Since -> 304).
+    # a 304 like any other (If-Modified-Since -> 304).
     _, url = _publish(serving_origin, moxy, Reply(headers={"Content-Type": "image/png"}, body=SMALL))
     first = http.get(url)
     assert first.status_code == 200

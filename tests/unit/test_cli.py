@@ -81,7 +81,8 @@ def _b64(data: bytes) -> str:
 
 
 def reference_sign(url: str, key: str, base_url: str, exp: int | None = None) -> str:
-    """DESIGN section 1, written out by hand (independent of moxy.signing)."""
+    """The native signed-URL format, written out by hand (independent of moxy.signing):
+    `{base}/{b64url(HMAC-SHA256(key, url [+ "\\n" + exp]))}/{b64url(url)}[?e={exp}]`."""
     message = url.encode("utf-8") + (b"" if exp is None else b"\n" + str(exp).encode("ascii"))
     digest = _b64(hmac.new(key.encode("utf-8"), message, hashlib.sha256).digest())
     signed = f"{base_url.rstrip('/')}/{digest}/{_b64(url.encode('utf-8'))}"
@@ -92,7 +93,7 @@ def reference_sign(url: str, key: str, base_url: str, exp: int | None = None) ->
 
 
 @pytest.mark.parametrize("url", URLS)
-def test_sign_prints_the_design_format(url: str) -> None:
+def test_sign_prints_the_native_format(url: str) -> None:
     result = run("sign", url, env={"MOXY_KEY": KEY, "MOXY_BASE_URL": BASE})
     assert result.exit_code == 0, result.stderr
     assert result.stdout == reference_sign(url, KEY, BASE) + "\n"
@@ -115,7 +116,7 @@ def test_sign_with_expiry(url: str, expires: int) -> None:
     match = re.fullmatch(r"(.+)\?e=([0-9]+)\n", result.stdout)
     assert match is not None, result.stdout
     exp = int(match.group(2))
-    # The expiry is read back; the digest must still be exactly what DESIGN section 1 says for it.
+    # The expiry is read back; the digest must still be exactly what the format gives for it.
     assert result.stdout == reference_sign(url, KEY, BASE, exp=exp) + "\n"
     assert before + expires <= exp <= after + expires
 

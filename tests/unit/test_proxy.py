@@ -372,7 +372,7 @@ async def test_failed_background_refresh_is_remembered(make_rig: MakeRig) -> Non
         stale = served(await rig.get())
         assert (stale.cache, body_of(stale)) == (CacheResult.STALE, GOOD)
         await settle()
-    # DESIGN §3.6: the failure is remembered for negative_ttl (10 s) so a broken upstream is not hammered.
+    # The failure is remembered for negative_ttl (10 s) so a broken upstream is not hammered.
     assert len(rig.upstream.calls) == 2
 
 

@@ -87,7 +87,7 @@ def test_version_is_a_release_string() -> None:
     assert len(parts) >= 2 and all(part.isdigit() for part in parts[:2])
 
 
-def test_design_section_2_usage() -> None:
+def test_documented_library_usage() -> None:
     signer = moxy.Signer(keys=["a-key-of-at-least-16-bytes"], base_url="https://cdn.example.com")
     signed = signer.sign("https://upstream.example/pic.png", expires_in=3600)
     assert signed.startswith("https://cdn.example.com/")

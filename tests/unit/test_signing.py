@@ -1,7 +1,8 @@
 """Signed URL formats, key ring, sign and verify (moxy.signing).
 
-Expected URLs come from an independent implementation written here straight from DESIGN section 1
-(and, for the legacy forms, from camo's and go-camo's published algorithms), never from moxy.signing."""
+Expected URLs come from an independent implementation written here straight from the native format,
+`{base}/{b64url(HMAC-SHA256(key, url [+ "\\n" + exp]))}/{b64url(url)}[?e={exp}]` (and, for the legacy forms, from
+camo's and go-camo's published algorithms), never from moxy.signing."""
 
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def _b64(data: bytes) -> str:
 
 
 def reference_sign(url: str, key: str | bytes, base_url: str, exp: int | None = None) -> str:
-    """DESIGN section 1, written out by hand."""
+    """The native format, written out by hand."""
     key_bytes = key.encode("utf-8") if isinstance(key, str) else key
     message = url.encode("utf-8")
     if exp is not None:

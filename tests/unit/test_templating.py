@@ -60,7 +60,7 @@ def _b64(data: bytes) -> str:
 
 
 def independent_sign(url: str, key: str, base: str, expires_at: int | None = None) -> str:
-    """DESIGN section 1 computed here from the spec, without moxy.signing."""
+    """The native signed-URL format computed here by hand, without moxy.signing."""
     message = url.encode("utf-8")
     suffix = ""
     if expires_at is not None:
