@@ -116,8 +116,11 @@ class _Endpoints:
         head = request.method == "HEAD"
         reason: str | None
         try:
+            scope = request.scope
+            # The path and query as the server decoded them (what request.url would rebuild, without parsing).
+            query = scope["query_string"].decode("latin-1")
             outcome = await self.components.proxy.handle(
-                ProxyRequest(path=request.url.path, query=request.url.query, headers=request.headers)
+                ProxyRequest(path=scope["path"], query=query, headers=request.headers)
             )
             if isinstance(outcome, Served):
                 response = render(request, outcome, self.vary)
@@ -135,7 +138,7 @@ class _Endpoints:
         except Exception as exc:
             # A bug, never an expected outcome: the answer is still a well-formed, uncacheable JSON error with the
             # security headers, counted and logged like every other, and the traceback goes to the error log.
-            log_internal_error(request.url.path, exc)
+            log_internal_error(request.scope["path"], exc)
             response = error_response(MoxyError(INTERNAL_ERROR), cache=CacheResult.BYPASS.value, head=head)
             cache, reason, upstream_status, upstream_seconds = CacheResult.BYPASS.value, INTERNAL_ERROR, None, None
             metrics.internal_errors.inc()
@@ -144,7 +147,7 @@ class _Endpoints:
             sent = int(response.headers.get("content-length", 0) or 0)
             log_access(
                 request.method,
-                request.url.path,
+                request.scope["path"],
                 response.status_code,
                 cache,
                 reason,
