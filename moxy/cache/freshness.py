@@ -5,6 +5,7 @@ Pure: no clock reads, no I/O. Headers arrive as a mapping with lowercase names, 
 from __future__ import annotations
 
 import calendar
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -129,7 +130,22 @@ _ASCTIME = re.compile(
 _OWS = " \t"
 
 
+# The same few dates are read over and over (an entry's Date and Last-Modified on every answer, a second's Date on
+# every miss): the parse is pure, so its answers are kept. Inputs longer than any date are not (see below).
+@functools.lru_cache(maxsize=4096)
+def _parse_http_date_cached(value: str) -> float | None:
+    return _parse_http_date(value)
+
+
 def parse_http_date(value: str | None) -> float | None:
+    """An HTTP-date as unix time, or None for anything else; never raises (the grammar: `_parse_http_date`)."""
+    if value is None:
+        return None
+    # A real HTTP-date is 29 characters (IMF-fixdate) or a few more: longer text never enters the cache.
+    return _parse_http_date_cached(value) if len(value) <= 64 else _parse_http_date(value)
+
+
+def _parse_http_date(value: str | None) -> float | None:
     """An HTTP-date (RFC 9110 §5.6.7: IMF-fixdate, and the obsolete RFC 850 and asctime forms) as unix time.
 
     The one date parser of Moxy, for request and upstream fields alike. It never raises: None when the value is
