@@ -57,10 +57,9 @@ NOT_SENT = frozenset({"cache-control", "expires", "date", "age", "etag", "conten
 # A body leaves in slices of SEND_SLICE bytes. The server buffers what a client has not read yet, and a slice is
 # handed over only once that buffer has drained: a client that reads slowly (or not at all) holds about one slice
 # and the server's high-water mark, not the whole body. Files are read FILE_READ_BYTES at a time (one thread hop
-# for most images). A client that takes no slice for SEND_STALL_SECONDS is given up on, its connection closed.
+# for most images). A client that takes nothing for a while is dropped by the server (moxy/server.py).
 SEND_SLICE = 64 * 1024
 FILE_READ_BYTES = 256 * 1024
-SEND_STALL_SECONDS = 30.0
 UPSTREAM_ERROR_MAX_AGE = 10
 REFUSED_REASON = "destination not allowed"
 # RFC 9110 §5.6.3: the only whitespace a field value may carry around it (str.strip() would also eat control bytes).
@@ -296,18 +295,17 @@ def _byte_range(request: Request, served: Served, length: int) -> RangeChoice:
     return parse_range(request.headers.get("range"), length)
 
 
-async def send_body(send: Send, body: bytes | memoryview, *, more_after: bool = False) -> bool:
-    """Send `body` in slices; False when the client stopped taking them (the answer is then abandoned)."""
+async def send_body(send: Send, body: bytes | memoryview, *, more_after: bool = False) -> None:
+    """Send `body` in slices; each `send` returns once the server's buffer has room for it."""
+    if len(body) <= SEND_SLICE:
+        await send({"type": "http.response.body", "body": bytes(body), "more_body": more_after})
+        return
     view = memoryview(body)
-    for start in range(0, len(view), SEND_SLICE) if len(view) > SEND_SLICE else (0,):
-        piece = view[start : start + SEND_SLICE]
+    for start in range(0, len(view), SEND_SLICE):
         last = start + SEND_SLICE >= len(view) and not more_after
-        try:
-            async with asyncio.timeout(SEND_STALL_SECONDS):
-                await send({"type": "http.response.body", "body": bytes(piece), "more_body": not last})
-        except TimeoutError:
-            return False
-    return True
+        await send(
+            {"type": "http.response.body", "body": bytes(view[start : start + SEND_SLICE]), "more_body": not last}
+        )
 
 
 class _BodyResponse(Response):
@@ -332,8 +330,7 @@ class _BodyResponse(Response):
             if len(chunk) != size:
                 return  # the file shrank under us (it cannot, by design): end the answer short, never pad it
             position += size
-            if not await send_body(send, chunk, more_after=position <= end):
-                return
+            await send_body(send, chunk, more_after=position <= end)
 
 
 def _answer(response: Response, headers: list[tuple[bytes, bytes]]) -> Response:

@@ -33,6 +33,10 @@ LINGER_SECONDS = 2.0
 # The raw byte count of a head also holds the method, the version, line breaks and the whitespace around values that
 # the per-field count leaves out; this much slack keeps the two counts from disagreeing on a legitimate head.
 HEAD_LINE_ALLOWANCE = 1024
+# A client that takes none of what is written to it for this long (the server's buffer stays over its high-water
+# mark) is given up on and its connection dropped: otherwise one that stops reading, or pipelines requests without
+# reading the answers, holds its connection, its buffered answer and a task for ever.
+WRITE_STALL_SECONDS = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +119,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self.closing_after_refusal = False
         self.head_timer: asyncio.TimerHandle | None = None
         self.linger_timer: asyncio.TimerHandle | None = None
+        self.stall_timer: asyncio.TimerHandle | None = None
 
     # -- connection -------------------------------------------------------------------------------------------
 
@@ -124,11 +129,29 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        for timer in (self.head_timer, self.linger_timer):
+        for timer in (self.head_timer, self.linger_timer, self.stall_timer):
             if timer is not None:
                 timer.cancel()
-        self.head_timer = self.linger_timer = None
+        self.head_timer = self.linger_timer = self.stall_timer = None
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        # The transport's buffer passed its high-water mark: the answer now waits for the client to read. One
+        # timer per stall, not per write, so the bound costs an ordinary answer nothing.
+        super().pause_writing()
+        if self.stall_timer is None:
+            self.stall_timer = self.loop.call_later(WRITE_STALL_SECONDS, self._write_stalled)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.stall_timer is not None:
+            self.stall_timer.cancel()
+            self.stall_timer = None
+
+    def _write_stalled(self) -> None:
+        self.stall_timer = None
+        # abort, not close: close would wait to flush the very buffer the client does not read.
+        self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         if self.closing_after_refusal:

@@ -171,3 +171,42 @@ def test_past_max_connections_the_app_is_not_called(loop: asyncio.AbstractEventL
     run_tasks(loop)
     assert status_of(transport) == 503
     assert b"\r\ncache-control: no-store\r\n" in bytes(transport.written)
+
+
+class AbortableTransport(FakeTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.aborted = False
+
+    def abort(self) -> None:
+        self.aborted = True
+        self.closed = True
+
+
+def test_a_client_that_takes_nothing_is_dropped_after_the_stall_bound(
+    loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("moxy.server.WRITE_STALL_SECONDS", 0.05)
+    config = Config(app=ok_app, lifespan="off", log_level="critical")
+    protocol = BoundedHttpToolsProtocol(config, ServerState(), {}, _loop=loop, limits=LIMITS)
+    transport = AbortableTransport()
+    protocol.connection_made(transport)
+    # The transport's buffer passed its high-water mark and stays there: the client reads nothing.
+    protocol.pause_writing()
+    loop.run_until_complete(asyncio.sleep(0.1))
+    assert transport.aborted, "a stalled writer is dropped, not kept for ever"
+
+
+def test_a_client_that_drains_in_time_is_kept(loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("moxy.server.WRITE_STALL_SECONDS", 0.05)
+    config = Config(app=ok_app, lifespan="off", log_level="critical")
+    protocol = BoundedHttpToolsProtocol(config, ServerState(), {}, _loop=loop, limits=LIMITS)
+    transport = AbortableTransport()
+    protocol.connection_made(transport)
+    for _ in range(5):  # slow, but each stall shorter than the bound
+        protocol.pause_writing()
+        loop.run_until_complete(asyncio.sleep(0.02))
+        protocol.resume_writing()
+    loop.run_until_complete(asyncio.sleep(0.1))
+    assert not transport.aborted
+    protocol.connection_lost(None)
