@@ -33,7 +33,17 @@ import aiohttp
 import yarl
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.servers import NGINX, PNG_SIGNATURE, BenchError, Nginx, Processes, _start_nginx, free_port
+from bench.servers import (
+    NGINX,
+    PNG_SIGNATURE,
+    BenchError,
+    Nginx,
+    Processes,
+    _start_nginx,
+    _tail,
+    _wait_for_port,
+    free_port,
+)
 from bench.wrk import run_wrk, wrk_binary
 from moxy.signing import Signer
 
@@ -200,23 +210,6 @@ def start_static(processes: Processes, prefix: Path, bodies: dict[str, bytes]) -
     return _start_nginx(processes, prefix, STATIC_HTTP, "nginx static origin")
 
 
-def _wait_listening(port: int, process: subprocess.Popen[bytes], what: str, log: Path) -> None:
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise BenchError(f"{what} exited with {process.returncode}: {_tail(log)}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise BenchError(f"{what} did not listen on port {port}: {_tail(log)}")
-
-
-def _tail(log: Path) -> str:
-    return log.read_text(errors="replace")[-2000:] if log.exists() else "(no log)"
-
-
 def start_dynamic(processes: Processes, folder: Path) -> int:
     port = free_port()
     log = folder / "origin.log"
@@ -224,7 +217,7 @@ def start_dynamic(processes: Processes, folder: Path) -> int:
     command = [sys.executable, "-m", "bench.soak", "--origin-port", str(port)]
     with open(log, "ab") as output:
         process = processes.start("dynamic origin", command, stop_signal=signal.SIGTERM, output=output, env=env)
-    _wait_listening(port, process, "dynamic origin", log)
+    _wait_for_port(port, process, "dynamic origin", log)
     return port
 
 
