@@ -115,6 +115,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self.field_bytes = 0
         self.field_count = 0
         self.chunk_accounted = 0  # bytes of this chunk that belonged to earlier messages
+        self.message_ended_in_chunk = False
         self.refused: _Refused | None = None
         self.closing_after_refusal = False
         self.head_timer: asyncio.TimerHandle | None = None
@@ -160,7 +161,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             # The first byte after an idle keep-alive starts the clock for this head; uvicorn's keep-alive timer,
             # which any byte (even a bare CRLF) cancels, bounds only the idle time before it.
             self._arm_head_timer()
+        continuing_head = self.in_head
         self.head_started_in_chunk = False
+        self.message_ended_in_chunk = False
         self.chunk_accounted = 0
         super().data_received(data)
         if self.closing_after_refusal or self.transport.is_closing() or not self.in_head:
@@ -169,8 +172,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             # Any bytes of this chunk before the head began belonged to earlier (pipelined) messages, and
             # on_headers_complete and on_body have counted them.
             self.head_bytes = max(0, len(data) - self.chunk_accounted)
-        else:
+        elif continuing_head and not self.message_ended_in_chunk:
+            # The whole chunk continues a head that began in an earlier one.
             self.head_bytes += len(data)
+        # Otherwise the chunk ended a body (or a message) and began nothing new: none of it is head.
         # httptools hands over a header only when it ends, so an unfinished one is bounded by the raw count.
         if self.head_bytes - self.url_bytes > self.limits.max_header_bytes + HEAD_LINE_ALLOWANCE:
             self._refuse(_Refused(431, "HeaderTooLarge", self._header_bytes_reason()))
@@ -206,11 +211,15 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._cancel_head_timer()
+        # The head on the wire: the fields (counted with their ": " and CRLF), the target, and the request line's
+        # method, spaces, version and CRLF plus the blank line that ends the head.
+        framing = len(self.parser.get_method()) + len(" HTTP/1.1\r\n") + 1 + 2
+        head = self.field_bytes + self.url_bytes + framing
         if not self.head_started_in_chunk:
             # The head began in an earlier chunk: only its bytes in this one belong to the pipelining count.
-            self.chunk_accounted += max(0, self.field_bytes + self.url_bytes - self.head_bytes)
+            self.chunk_accounted += max(0, head - self.head_bytes)
         else:
-            self.chunk_accounted += self.field_bytes + self.url_bytes
+            self.chunk_accounted += head
         self.in_head = False
         limit = self.limits.max_connections
         busy = limit is not None and (len(self.connections) > limit or len(self.tasks) >= limit)
@@ -223,6 +232,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self.in_head = True
+        self.message_ended_in_chunk = True
+        self.head_bytes = self.url_bytes = self.field_bytes = self.field_count = 0
         super().on_message_complete()
 
     # -- refusals ---------------------------------------------------------------------------------------------

@@ -210,3 +210,31 @@ def test_a_client_that_drains_in_time_is_kept(loop: asyncio.AbstractEventLoop, m
     loop.run_until_complete(asyncio.sleep(0.1))
     assert not transport.aborted
     protocol.connection_lost(None)
+
+
+def test_a_body_that_ends_in_a_later_read_is_not_counted_as_a_head(loop: asyncio.AbstractEventLoop) -> None:
+    # Found in review: the tail of a body, arriving in its own read, was added to the next head's byte count,
+    # so a large-enough body made a refusal out of nothing (here the limit is 2 KiB of header bytes).
+    protocol, transport = connect(loop)
+    body = b"x" * 40_000
+    protocol.data_received(b"GET /a HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:100])
+    run_tasks(loop)
+    protocol.data_received(body[100:])
+    run_tasks(loop)
+    protocol.data_received(b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+    run_tasks(loop)
+    answers = bytes(transport.written)
+    assert answers.count(b"HTTP/1.1 200") == 2, answers[:300]
+    assert b"431" not in answers
+    protocol.connection_lost(None)
+
+
+def test_many_pipelined_heads_in_one_read_are_each_counted_alone(loop: asyncio.AbstractEventLoop) -> None:
+    protocol, transport = connect(loop)
+    # 300 small requests in one read, 12 KiB in all: far more than the 2 KiB header bound taken together.
+    protocol.data_received(b"GET /p HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n" * 300)
+    run_tasks(loop)
+    answers = bytes(transport.written)
+    assert b"431" not in answers
+    assert answers.count(b"HTTP/1.1 200") >= 1
+    protocol.connection_lost(None)
