@@ -146,6 +146,7 @@ class DiskStorage:
         self._body = self.directory / "body"
         self._tmp = self.directory / "tmp"
         self._folders_made = False
+        self._wiped = False  # set when the folder's contents vanished: the held lock file is checked again
         # Both opened read-only, and only when first needed: a folder that is read-only at start-up (or remounted
         # so later) must not stop Moxy, and an open writable descriptor would make `mount -o remount,ro` fail.
         self._lock_fd: int | None = None
@@ -247,6 +248,11 @@ class DiskStorage:
         except OSError as exc:
             if operation in ("put", "touch"):
                 self.dropped_puts += 1
+            if exc.errno == errno.ENOENT:
+                # The folder's contents were removed under us (by hand, a cleaner): make them again next time,
+                # or every later write would fail the same way for good.
+                self._folders_made = False
+                self._wiped = True
             self._failed(operation, exc)
             return None
         if wrote and self.fault is not None:
@@ -581,6 +587,13 @@ class DiskStorage:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         with self._thread_lock:
+            if self._lock_fd is not None and self._wiped and not _names(self._lock_fd, self.directory / "lock"):
+                # The folder was emptied under us: the descriptor holds a lock file no other worker can see any
+                # more, so it would exclude nobody. Take the one in the folder instead.
+                self._fds.remove(self._lock_fd)
+                os.close(self._lock_fd)
+                self._lock_fd = None
+            self._wiped = False
             if self._lock_fd is None:
                 # flock needs no write access; O_CREAT does not fail on a read-only folder that already has it.
                 self._lock_fd = os.open(self.directory / "lock", os.O_RDONLY | os.O_CREAT | _O_CLOEXEC, 0o600)
@@ -687,6 +700,15 @@ class DiskStorage:
             with contextlib.suppress(OSError):  # an unwritable folder is swept at a later start
                 if now - item.stat().st_mtime > TEMP_MAX_AGE:
                     os.unlink(item.path)
+
+
+def _names(fd: int, path: Path) -> bool:
+    """Whether `path` is the file `fd` has open (not removed or replaced since)."""
+    try:
+        held, named = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino)
 
 
 def _close_all(fds: list[int]) -> None:

@@ -560,3 +560,25 @@ async def test_a_flood_of_readiness_probes_is_one_fsync_a_second(
     for _ in range(200):
         assert await disk.probe() is True
     assert 1 <= len(synced) <= 4, "a success stands for a second; it is not redone per request"
+
+
+async def test_a_folder_emptied_under_a_running_tier_is_made_again(tmp_path: Path) -> None:
+    # Found in review: the sub-folders were made once, so after an operator emptied the cache folder every write
+    # (and every readiness probe, and the upstream spool inside it) failed for good.
+    import shutil
+
+    folder = tmp_path / "cache"
+    disk = DiskStorage(folder, 64 * MiB)
+    await disk.put(make_entry("1.png", b"\x89PNG" + b"a" * 5000))
+    for child in folder.iterdir():
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+    await disk.put(make_entry("2.png", b"\x89PNG" + b"b" * 5000))  # fails: the folders are gone
+    assert disk.fault == "enoent"
+    assert await disk.probe() is True
+    assert disk.spool_dir.is_dir()
+    stored = make_entry("3.png", b"\x89PNG" + b"c" * 5000)
+    await disk.put(stored)
+    found = await disk.get(stored.key)
+    assert found is not None and found.length == stored.length
+    assert (folder / "lock").exists(), "the lock every worker shares is the one in the folder again"
+    await disk.aclose()
