@@ -68,9 +68,6 @@ def is_json_type(essence: str) -> bool:
     return essence in _JSON_TYPES or essence.endswith("+json")
 
 
-_FONT_TYPES = frozenset({"application/vnd.ms-fontobject", "application/font-woff", "application/x-font-ttf"})
-
-
 def media_family(content_type: str) -> str:
     """What kind of thing a Content-Type names: "json", "font", or its top-level type ("image", "video", ...).
     A URL whose answers change family (an image that is now JSON) is more likely broken than redesigned."""
@@ -79,8 +76,11 @@ def media_family(content_type: str) -> str:
         return ""
     if is_json_type(essence):
         return "json"
-    if essence.startswith("font/") or essence in _FONT_TYPES:
-        return "font"
+    # A type the sniff table knows is of its format's family: every font alias (application/x-font-woff, ...)
+    # is a font, whatever its top-level type says.
+    known = DECLARED_FORMATS.get(essence)
+    if known is not None:
+        return SIGNATURES[known][0]
     return essence.partition("/")[0]
 
 

@@ -14,6 +14,7 @@ from moxy.media import (
     SIGNATURES,
     MediaPatterns,
     is_json_type,
+    media_family,
     media_pattern_problem,
     parse_content_type,
     sniff,
@@ -286,3 +287,30 @@ def test_every_declared_type_names_a_known_format() -> None:
     assert all(
         essence == essence.lower() and parse_content_type(essence) == (essence, "") for essence in DECLARED_FORMATS
     )
+
+
+@pytest.mark.parametrize(
+    ("content_type", "family"),
+    [
+        ("image/png", "image"),
+        ("IMAGE/WEBP; q=1", "image"),
+        ("application/json", "json"),
+        ("application/problem+json", "json"),
+        ("text/json", "json"),
+        ("font/woff2", "font"),
+        # Found in review: an upstream that relabels a font with another of its aliases is not a change of kind.
+        ("application/font-woff", "font"),
+        ("application/x-font-woff", "font"),
+        ("application/font-woff2", "font"),
+        ("application/x-font-otf", "font"),
+        ("application/font-sfnt", "font"),
+        ("application/vnd.ms-fontobject", "font"),
+        ("video/mp4", "media"),  # video and audio share containers: one kind (audio/mp4 and video/mp4)
+        ("audio/mpeg", "media"),
+        ("application/octet-stream", "application"),
+        ("", ""),
+        ("image/png\x0b", ""),
+    ],
+)
+def test_media_family(content_type: str, family: str) -> None:
+    assert media_family(content_type) == family
