@@ -174,9 +174,6 @@ class HitMemo:
         """Whether an answer with this entry could be prepared at all (checked before any work is spent on it)."""
         return not entry.no_cache and isinstance(entry.body, bytes) and self.memory.holds(entry)
 
-    def forget_all(self) -> None:
-        self._prepared.clear()
-
     @property
     def held_bytes(self) -> int:
         return int(self._prepared.currsize)

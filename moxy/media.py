@@ -69,7 +69,8 @@ def is_json_type(essence: str) -> bool:
 
 
 def media_family(content_type: str) -> str:
-    """What kind of thing a Content-Type names: "json", "font", or its top-level type ("image", "video", ...).
+    """What kind of thing a Content-Type names: "json"; for a type the sniff table knows, its format's family
+    ("image", "font", "media"); else its top-level type.
     A URL whose answers change family (an image that is now JSON) is more likely broken than redesigned."""
     essence, problem = parse_content_type(content_type)
     if problem or not essence:

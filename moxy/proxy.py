@@ -91,7 +91,7 @@ class Served:
     reason: str | None = None  # why a stale copy was served, or why the answer was not stored
     upstream_status: int | None = None
     upstream_seconds: float | None = None
-    url_expires_at: int | None = None  # when the signed URL stops being valid (set on hits, for the shortcut)
+    url_expires_at: int | None = None  # when the signed URL stops being valid (set on hits, for the hit memo)
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -171,10 +171,14 @@ class _Endpoints:
                 {**_NO_STORE, "www-authenticate": "Bearer"},
             )
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_PURGE_BODY_BYTES:
-                return _json(b'{"error":"PayloadTooLarge","reason":"a purge body is one small JSON object"}', 413)
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > MAX_PURGE_BODY_BYTES:
+                    return _json(b'{"error":"PayloadTooLarge","reason":"a purge body is one small JSON object"}', 413)
+        except ClientDisconnect:
+            # Gone before its body arrived: nothing is purged, and there is nobody to tell.
+            return _json(b'{"error":"BadRequest","reason":"the client left before sending the body"}', 400)
         try:
             payload = orjson.loads(body)
             url = payload["url"]
