@@ -177,7 +177,7 @@ def serve(
         server_header=False,
         proxy_headers=False,
         timeout_graceful_shutdown=30,
-        log_level="warning",
+        log_config=_log_config(settings),  # JSON lines at MOXY_LOG_LEVEL, applied in every worker (moxy.logs)
     )
 
 
@@ -233,3 +233,36 @@ def run() -> None:  # pragma: no cover - `python -m moxy`
         main()
     except MoxyError as exc:
         _fail(str(exc), 1)
+
+
+def _log_config(settings: Settings) -> dict[str, Any]:
+    from moxy.logs import log_config
+
+    return log_config(settings.log_level)
+
+
+@main.command()
+@click.option("--port", type=int, help="Port the running Moxy listens on [MOXY_PORT].")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=3.0, show_default=True, help="Seconds to wait.")
+def health(port: int | None, timeout: float) -> None:
+    """Exit 0 when the Moxy on this machine answers /healthz, else 1 (for a container's health check)."""
+    import urllib.error
+    import urllib.request
+
+    settings = _settings(port=port)
+    host = settings.host
+    # Listening on every interface means loopback answers too; an IPv6 literal needs brackets in a URL.
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    target = f"http://{f'[{host}]' if ':' in host else host}:{settings.port}/healthz"
+    # No proxy from the environment: the check is of this machine's Moxy, whatever HTTP_PROXY a container carries.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(target, timeout=timeout) as response:
+            status = response.status
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+    except (urllib.error.URLError, OSError) as exc:
+        _fail(f"unhealthy: cannot reach {target}: {getattr(exc, 'reason', exc)}", 1)
+    if status != 200:
+        _fail(f"unhealthy: {target} answered {status}", 1)
+    click.echo("healthy")

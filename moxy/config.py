@@ -10,9 +10,9 @@ import ipaddress
 import os
 import ssl
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BeforeValidator, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from moxy.errors import ConfigError
@@ -45,6 +45,10 @@ def _split_commas(value: Any) -> Any:
     return value
 
 
+def _lower(value: Any) -> Any:
+    return value.strip().lower() if isinstance(value, str) else value
+
+
 class Settings(BaseSettings):
     """Every setting of Moxy. Field `foo_bar` is read from `MOXY_FOO_BAR`."""
 
@@ -62,6 +66,8 @@ class Settings(BaseSettings):
     workers: int = Field(default=1, ge=1, le=256)
     purge_token: SecretStr | None = None
     access_log: bool = True
+    # Moxy's own records and uvicorn's below this level are not written (moxy.logs); the access line is "info".
+    log_level: Annotated[Literal["debug", "info", "warning", "error", "critical"], BeforeValidator(_lower)] = "info"
 
     # -- what one client may send (moxy.server): past these Moxy answers 414/431/408/503 and closes the connection.
     # A signed URL is about 4/3 of its upstream URL (base64) plus ~50 bytes, so 16 KiB leaves room for any upstream URL
