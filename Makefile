@@ -6,6 +6,7 @@ STATE   ?= var
 
 .DEFAULT_GOAL := help
 .PHONY: help run test check lint bench soak example clean system-deps
+.PHONY: image-check lock
 
 help:
 	@echo "make run     install into $(VENV) and start Moxy on 127.0.0.1:8080 (key kept in $(STATE)/moxy.key)"
@@ -14,6 +15,8 @@ help:
 	@echo "make bench   the benchmark, as ratios against nginx measured in the same run"
 	@echo "make soak    SOAK_MINUTES (default 10) of mixed traffic on 2 workers: RSS, fds and 5xx causes, verdict"
 	@echo "make example the Jinja2 example page of signed images"
+	@echo "make image-check  the Dockerfile's facts and its install/run steps, replayed in a venv (no engine needed)"
+	@echo "make lock    regenerate deploy/requirements.txt, the image's hash-pinned dependencies"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -60,3 +63,14 @@ example: $(VENV)/.runtime
 
 clean:
 	rm -rf $(VENV) $(STATE) .pytest_cache .mypy_cache .ruff_cache .hypothesis .coverage* build dist *.egg-info
+
+# The container image without a container engine: the Dockerfile's facts, and its install and run steps replayed
+# in a fresh venv (tests/integration/test_image.py). `docker build -t moxy .` where an engine runs.
+image-check: $(VENV)/.test
+	$(BIN)/python -m pytest -q tests/integration/test_image.py
+
+# deploy/requirements.txt, the image's lock: every runtime dependency of moxy[redis], pinned, with hashes.
+lock: $(VENV)/.test
+	$(BIN)/python -m pip install --quiet pip-tools
+	CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
+		--no-emit-index-url --no-emit-find-links --extra redis --output-file deploy/requirements.txt pyproject.toml
