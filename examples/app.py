@@ -67,8 +67,20 @@ def create_app() -> Starlette:
     templates = Jinja2Templates(directory=HERE / "templates")
     setup_jinja2(templates.env, signer=signer)  # `setup_jinja2(templates.env)` alone reads the same settings
 
+    # A strict policy for the page: images from Moxy alone. Moxy is the one image origin a page needs to allow,
+    # whatever the upstreams are (tests/integration/test_browser.py checks that nothing is blocked).
+    policy = (
+        f"default-src 'none'; img-src {signer.base_url}; style-src 'unsafe-inline'; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+
     async def index(request: Request) -> Response:
-        return templates.TemplateResponse(request, "index.html", {"urls": urls, "base_url": signer.base_url})
+        return templates.TemplateResponse(
+            request,
+            "index.html",
+            {"urls": urls, "base_url": signer.base_url},
+            headers={"Content-Security-Policy": policy},
+        )
 
     return Starlette(routes=[Route("/", index)])
 
