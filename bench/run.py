@@ -25,6 +25,7 @@ from types import FrameType
 from typing import Any
 from urllib.parse import urlsplit
 
+from bench import chart
 from bench.burst import burst
 from bench.proc import CpuWindow, peak_rss_bytes, workers
 from bench.rawhttp import Answer, get
@@ -740,6 +741,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     path = write_json(document, rows)
     print(f"\nwritten: {path}")
+    print(f"chart: {chart.draw(path)}")
     for failure in failures:
         print(f"FAILED {failure}", file=sys.stderr)
     return 1 if failures else 0
