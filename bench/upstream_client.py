@@ -1,7 +1,9 @@
-"""Miss-path engine benchmark: moxy.upstream.Upstream against the bare clients it could sit on.
+"""Miss-path engine benchmark: moxy.upstream.Upstream over each built-in engine, the engines alone, and the bare
+clients they could sit on.
 
 Starts a private nginx (temp prefix, free port, daemon off) serving a 10 KiB file on 127.0.0.1, then fetches it
-N times at concurrency 1, 8 and 32 with each client, in alternation, and prints req/s (median of the rounds).
+N times at concurrency 1, 8 and 32 with each client, in alternation, and prints req/s and the CPU time of this
+process per request (median of the rounds; nginx runs in its own process and is not counted).
 
     .venv/bin/python bench/upstream_client.py [--requests 3000] [--rounds 3]
 
@@ -12,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import os
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import tempfile
@@ -28,7 +32,7 @@ import httpx
 import uvloop
 
 from moxy.policy import DestinationPolicy
-from moxy.upstream import Upstream
+from moxy.upstream import ENGINES, Engine, Upstream
 
 NGINX = "/usr/sbin/nginx"
 CONFIG = """
@@ -73,7 +77,8 @@ def start_nginx(prefix: Path) -> tuple[subprocess.Popen[bytes], int]:
     raise RuntimeError("nginx did not start")
 
 
-async def run(fetch: Fetch, url: str, requests: int, concurrency: int) -> float:
+async def run(fetch: Fetch, url: str, requests: int, concurrency: int) -> tuple[float, float]:
+    """req/s, and CPU µs of this process per request."""
     remaining = requests
 
     async def worker() -> None:
@@ -83,17 +88,17 @@ async def run(fetch: Fetch, url: str, requests: int, concurrency: int) -> float:
             got = await fetch(url)
             assert got == 10 * 1024, got
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return requests / (time.perf_counter() - started)
+    return requests / (time.perf_counter() - started), (time.process_time() - cpu) / requests * 1e6
 
 
 CONCURRENCY = (1, 8, 32)
 Results = dict[str, dict[int, float]]
 
 
-def render(results: Results, rounds: int) -> str:
-    lines = [f"{'client':<30} {'c=1':>8} {'c=8':>8} {'c=32':>8}   (req/s, median of {rounds})"]
+def render(results: Results, rounds: int, unit: str = "req/s") -> str:
+    lines = [f"{'client':<30} {'c=1':>8} {'c=8':>8} {'c=32':>8}   ({unit}, median of {rounds})"]
     for name, by_concurrency in results.items():
         lines.append(f"{name:<30} " + " ".join(f"{by_concurrency[c]:>8.0f}" for c in CONCURRENCY))
     return "\n".join(lines)
@@ -101,6 +106,11 @@ def render(results: Results, rounds: int) -> str:
 
 async def measure(requests: int, rounds: int) -> Results:
     """Median req/s of each client at each concurrency."""
+    return (await measure_rate_and_cpu(requests, rounds))[0]
+
+
+async def measure_rate_and_cpu(requests: int, rounds: int) -> tuple[Results, Results]:
+    """Median req/s, and median CPU µs per request, of each client at each concurrency."""
     with tempfile.TemporaryDirectory() as prefix_dir:
         prefix = Path(prefix_dir)
         process, port = start_nginx(prefix)
@@ -117,13 +127,35 @@ async def measure(requests: int, rounds: int) -> Results:
                 "user_agent": "Moxy/bench",
                 "spool_dir": prefix / "tmp",
             }
-            moxy_aiohttp = Upstream(**options)  # type: ignore[arg-type]
+            upstreams = {name: Upstream(**options, engine_name=name) for name in ENGINES}  # type: ignore[arg-type]
+            engines = {
+                name: engine(
+                    connect_timeout=5.0,
+                    read_timeout=5.0,
+                    limit=0,
+                    limit_per_host=0,
+                    ssl_context=ssl.create_default_context(),
+                )
+                for name, engine in ENGINES.items()
+            }
+            pinned = [ipaddress.ip_address("127.0.0.1")]
             limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
             session = aiohttp.ClientSession()
             client = httpx.AsyncClient(limits=limits, trust_env=False)
 
-            async def via_moxy_aiohttp(target: str) -> int:
-                return (await moxy_aiohttp.fetch(target, {"Accept": "*/*"})).length
+            def via_upstream(upstream: Upstream) -> Fetch:
+                async def fetch(target: str) -> int:
+                    return (await upstream.fetch(target, {"Accept": "*/*"})).length
+
+                return fetch
+
+            def via_engine(engine: Engine) -> Fetch:
+                # The engine alone: one request and its body, as the fetcher drives it, without the fetcher's rules.
+                async def fetch(target: str) -> int:
+                    wire = await engine.send("GET", target, [("Accept", "*/*")], pinned)
+                    return sum([len(chunk) async for chunk in wire.chunks()])
+
+                return fetch
 
             async def via_aiohttp(target: str) -> int:
                 async with session.get(target) as response:
@@ -133,23 +165,29 @@ async def measure(requests: int, rounds: int) -> Results:
                 return len((await client.get(target)).content)
 
             clients: dict[str, Fetch] = {
-                "Upstream (aiohttp engine)": via_moxy_aiohttp,
-                "bare aiohttp.ClientSession": via_aiohttp,
-                "bare httpx.AsyncClient": via_httpx,
+                f"Upstream ({name} engine)": via_upstream(up) for name, up in upstreams.items()
             }
-            results: dict[tuple[str, int], list[float]] = {}
+            clients |= {f"{name} engine alone": via_engine(engine) for name, engine in engines.items()}
+            clients |= {"bare aiohttp.ClientSession": via_aiohttp, "bare httpx.AsyncClient": via_httpx}
+            rates: dict[tuple[str, int], list[float]] = {}
+            cpus: dict[tuple[str, int], list[float]] = {}
             for fetch in clients.values():
                 await run(fetch, url, 300, 8)  # warm-up: pools filled
             for _ in range(rounds):
                 for concurrency in CONCURRENCY:
                     for name, fetch in clients.items():
-                        rate = await run(fetch, url, requests, concurrency)
-                        results.setdefault((name, concurrency), []).append(rate)
-            medians = {name: {c: statistics.median(results[(name, c)]) for c in CONCURRENCY} for name in clients}
-            await moxy_aiohttp.aclose()
+                        rate, cpu = await run(fetch, url, requests, concurrency)
+                        rates.setdefault((name, concurrency), []).append(rate)
+                        cpus.setdefault((name, concurrency), []).append(cpu)
+            by_rate = {name: {c: statistics.median(rates[(name, c)]) for c in CONCURRENCY} for name in clients}
+            by_cpu = {name: {c: statistics.median(cpus[(name, c)]) for c in CONCURRENCY} for name in clients}
+            for upstream in upstreams.values():
+                await upstream.aclose()
+            for engine in engines.values():
+                await engine.aclose()
             await session.close()
             await client.aclose()
-            return medians
+            return by_rate, by_cpu
         finally:
             process.send_signal(signal.SIGQUIT)
             try:
@@ -164,4 +202,6 @@ if __name__ == "__main__":
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=3)
     arguments = parser.parse_args()
-    print(render(uvloop.run(measure(arguments.requests, arguments.rounds)), arguments.rounds))
+    rates, cpus = uvloop.run(measure_rate_and_cpu(arguments.requests, arguments.rounds))
+    print(render(rates, arguments.rounds))
+    print(render(cpus, arguments.rounds, "CPU µs per request"))

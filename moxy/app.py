@@ -112,6 +112,7 @@ async def open_components(plan: Plan) -> routes.Components:
         host_queue_timeout=s.upstream_queue_timeout,
         breaker_failures=s.upstream_breaker_failures,
         breaker_cooldown=s.upstream_breaker_cooldown,
+        engine_name=s.upstream_engine,
         on_spool_failure=lambda exc: metrics.disk_failures.labels(operation="spool", error=fault_kind(exc)).inc(),
     )
     proxy = Proxy(

@@ -17,11 +17,20 @@ def origin() -> Iterator[Origin]:
 
 
 @pytest.fixture
-def start_moxy(tmp_path: Path) -> Iterator[Callable[..., MoxyServer]]:
+def upstream_engine() -> str | None:
+    """The MOXY_UPSTREAM_ENGINE of what start_moxy starts; None: the product's default. Modules that prove the wire
+    override it to run once per engine (tests/integration/engines.py)."""
+    return None
+
+
+@pytest.fixture
+def start_moxy(tmp_path: Path, upstream_engine: str | None) -> Iterator[Callable[..., MoxyServer]]:
     """Start Moxy processes (real uvicorn on an ephemeral port); all are stopped at teardown."""
     started: list[MoxyServer] = []
 
     def start(cache_dir: Path | None = None, **settings: Any) -> MoxyServer:
+        if upstream_engine is not None:
+            settings.setdefault("upstream_engine", upstream_engine)
         server = MoxyServer(cache_dir or tmp_path / "cache", **settings)
         started.append(server)
         return server.start()

@@ -14,8 +14,10 @@ import pytest
 
 from moxy.policy import DestinationPolicy
 from moxy.upstream import Upstream
+from tests.integration import engines
 
-pytestmark = [pytest.mark.integration, pytest.mark.anyio]
+pytestmark = [pytest.mark.integration, pytest.mark.anyio, pytest.mark.usefixtures("upstream_engine")]
+upstream_engine = engines.upstream_engine  # once per engine: the module proves the wire
 
 MiB = 1024 * 1024
 

@@ -8,10 +8,12 @@ from collections.abc import Callable
 import pytest
 
 from tests.assets import PNG
+from tests.integration import engines
 from tests.integration.moxy_server import MoxyServer
 from tests.integration.origin import Origin, Reply
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("upstream_engine")]
+upstream_engine = engines.upstream_engine  # once per engine: the module proves the wire
 
 
 @pytest.mark.parametrize("content_type, body", [("image/png", PNG), ("application/json", b'{"items": [1, 2, 3]}')])

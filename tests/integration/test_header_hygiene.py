@@ -3,16 +3,18 @@ never the reason a good copy is lost or an answer comes back empty."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
 
 from tests.assets import PNG
+from tests.integration import engines
 from tests.integration.moxy_server import MoxyServer
 from tests.integration.origin import Origin, Reply
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("upstream_engine")]
+upstream_engine = engines.upstream_engine  # once per engine: the module proves the wire
 
 CONTROL_BYTES = [*range(0x01, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F]
 STORED_FIELDS = [
@@ -29,16 +31,21 @@ def _png(extra: dict[str, str], max_age: int = 60) -> Reply:
     return Reply(headers=headers, body=PNG)
 
 
+@pytest.fixture(scope="module")
+def moxy(tmp_path_factory: pytest.TempPathFactory, upstream_engine: str) -> Iterator[MoxyServer]:
+    # One Moxy per engine for the tests that need no setting of their own: each test has an origin of its own (a
+    # port of its own), so no answer one test stored is ever another's, and no Moxy start is paid per test.
+    with MoxyServer(tmp_path_factory.mktemp("hygiene") / "cache", upstream_engine=upstream_engine) as server:
+        yield server
+
+
 def _assert_sendable(response: httpx.Response) -> None:
     for name, value in response.headers.raw:
         assert all(byte in (0x09,) or 0x20 <= byte <= 0x7E or byte >= 0x80 for byte in value), (name, value)
 
 
 @pytest.mark.parametrize("byte", CONTROL_BYTES, ids=lambda byte: f"0x{byte:02x}")
-def test_control_byte_in_a_stored_field_is_dropped_not_fatal(
-    origin: Origin, start_moxy: Callable[..., MoxyServer], byte: int
-) -> None:
-    moxy = start_moxy()
+def test_control_byte_in_a_stored_field_is_dropped_not_fatal(origin: Origin, moxy: MoxyServer, byte: int) -> None:
     # Every stored field carries the byte, in the middle of one value and at the end of another (where a
     # whitespace-stripping reader would hide it).
     poisoned = {
@@ -73,10 +80,7 @@ def test_control_byte_in_content_type_rejects_and_keeps_the_good_copy(
     _assert_sendable(second)
 
 
-def test_control_byte_in_content_type_without_a_good_copy_is_a_clear_502(
-    origin: Origin, start_moxy: Callable[..., MoxyServer]
-) -> None:
-    moxy = start_moxy()
+def test_control_byte_in_content_type_without_a_good_copy_is_a_clear_502(origin: Origin, moxy: MoxyServer) -> None:
     origin.route("/pic.png", Reply(headers={"Content-Type": "image/png\x0b"}, body=PNG))
     response = moxy.get(origin.url("/pic.png"))
     assert response.status_code == 502

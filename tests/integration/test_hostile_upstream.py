@@ -26,10 +26,12 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.integration import engines
 from tests.integration.moxy_server import MoxyServer
 from tests.integration.origin import ENDLESS, ConnectionCounter, HeaderValue, Origin, Reply, pattern
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("upstream_engine")]
+upstream_engine = engines.upstream_engine  # once per engine: the module proves the wire
 StartMoxy = Callable[..., MoxyServer]
 
 KiB = 1024
@@ -215,8 +217,9 @@ def cold_path(fault: str, name: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def moxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MoxyServer]:
-    with MoxyServer(tmp_path_factory.mktemp("hostile") / "cache", **SHARED_SETTINGS) as server:
+def moxy(tmp_path_factory: pytest.TempPathFactory, upstream_engine: str) -> Iterator[MoxyServer]:
+    cache = tmp_path_factory.mktemp("hostile") / "cache"
+    with MoxyServer(cache, **SHARED_SETTINGS, upstream_engine=upstream_engine) as server:
         yield server
 
 

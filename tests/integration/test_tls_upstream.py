@@ -19,10 +19,12 @@ from moxy.errors import ConfigError
 from moxy.policy import DestinationPolicy
 from moxy.upstream import Upstream
 from tests.assets import PNG
+from tests.integration import engines
 from tests.integration.moxy_server import MoxyServer
 from tests.integration.origin import Origin, Reply
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("upstream_engine")]
+upstream_engine = engines.upstream_engine  # once per engine: the module proves the wire
 StartMoxy = Callable[..., MoxyServer]
 
 SECURITY_HEADERS = {
@@ -89,9 +91,10 @@ def kit(tmp_path_factory: pytest.TempPathFactory) -> TLSKit:
 
 
 @pytest.fixture(scope="module")
-def moxy(kit: TLSKit, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MoxyServer]:
+def moxy(kit: TLSKit, tmp_path_factory: pytest.TempPathFactory, upstream_engine: str) -> Iterator[MoxyServer]:
     # negative_ttl=0: a failure is not remembered, so "never cached" shows as a second connection attempt.
-    with MoxyServer(tmp_path_factory.mktemp("moxy") / "cache", upstream_ca_file=kit.ca_file, negative_ttl=0) as server:
+    cache = tmp_path_factory.mktemp("moxy") / "cache"
+    with MoxyServer(cache, upstream_ca_file=kit.ca_file, negative_ttl=0, upstream_engine=upstream_engine) as server:
         yield server
 
 

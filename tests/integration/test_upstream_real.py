@@ -16,9 +16,11 @@ import pytest
 from moxy.errors import DestinationRefused, UpstreamError, UpstreamTimeout
 from moxy.policy import DestinationPolicy
 from moxy.upstream import Upstream, UpstreamResponse
+from tests.integration import engines
 from tests.integration.origin import ConnectionCounter, Origin, Reply, pattern, pattern_sha256
 
-pytestmark = [pytest.mark.integration, pytest.mark.anyio]
+pytestmark = [pytest.mark.integration, pytest.mark.anyio, pytest.mark.usefixtures("upstream_engine")]
+upstream_engine = engines.upstream_engine  # once per engine: the module proves the wire
 
 KiB = 1024
 MiB = 1024 * KiB
