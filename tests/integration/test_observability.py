@@ -3,12 +3,14 @@ lines from Moxy and uvicorn alike at the configured level, and `moxy health` for
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -110,6 +112,32 @@ def test_health_command(start_moxy: StartMoxy, tmp_path: Path) -> None:
     # The port comes from MOXY_PORT like `moxy serve`'s, so the image's check follows the configured port.
     from_env = subprocess.run(command, env={**env, "MOXY_PORT": str(moxy.port)}, capture_output=True, timeout=30)
     assert from_env.returncode == 0, from_env.stderr
+
+
+class _Unwell(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_health_command_fails_on_an_answer_other_than_200() -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Unwell)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MOXY_")}
+        command = [sys.executable, "-m", "moxy", "health", "--port", str(server.server_address[1])]
+        unwell = subprocess.run(command, env=env, capture_output=True, timeout=30)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    assert unwell.returncode == 1
+    assert b"answered 503" in unwell.stderr
 
 
 def send_garbage(moxy: MoxyServer) -> bytes:
