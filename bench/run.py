@@ -216,6 +216,7 @@ class Stage:
     main: dict[str, Moxy]  # by server name: the Moxy of the three main paths
     small: Moxy  # the small-disk-hit Moxy: a tiny memory tier, a disk tier pre-filled with 1 KiB entries
     fill: Moxy  # the cold-fill Moxy
+    fill_fsync: Moxy  # the same, flushing every entry to disk (MOXY_DISK_FSYNC=true)
     bodies: dict[str, bytes]
     folder: Path
 
@@ -359,6 +360,22 @@ def build_targets(stage: Stage, knobs: Knobs) -> list[Target]:
             paths=FreshPaths(stage.fill, origin, fill_folder),
             confirm=_stored_on_disk(stage.fill),
         ),
+        Target(
+            "moxy_cold_fill_10k_fsync",
+            "Moxy cold fill, every entry flushed (MOXY_DISK_FSYNC=true)",
+            stage.fill_fsync.sign(origin.url("/fill/10k.png?r=check-fsync")),
+            bodies["/fill/10k.png"],
+            "nginx_cache_hit_10k",
+            Goal(rss_within_budget=True),  # the price of durability across power cuts, shown beside the default
+            moxy_hit,
+            stage.fill_fsync.pid,
+            stage.fill_fsync,
+            peer="moxy_cold_fill_10k",
+            peer_label="cold fill without flushing",
+            trip_log="fill.log",
+            paths=FreshPaths(stage.fill_fsync, origin, fill_folder),
+            confirm=_stored_on_disk(stage.fill_fsync),
+        ),
     ]
     return targets
 
@@ -453,7 +470,8 @@ def _answer_now(url: str) -> str:
 def measure(target: Target, knobs: Knobs, seconds: int, origin: Nginx, *, warmup: bool = False) -> WrkResult:
     script_args = target.paths.args(seconds) if target.paths is not None else ()
     trips_before = origin.logged_count(target.trip_log) if target.trip_log else 0
-    entries_before = target.moxy.disk_entries() if target.key == "moxy_cold_fill_10k" and target.moxy else 0
+    filling = target.key.startswith("moxy_cold_fill")
+    entries_before = target.moxy.disk_entries() if filling and target.moxy else 0
     server_cpu, origin_cpu = CpuWindow.open(target.server_pid), CpuWindow.open(origin.pid)
     try:
         result = run_wrk(
@@ -486,7 +504,7 @@ def measure(target: Target, knobs: Knobs, seconds: int, origin: Nginx, *, warmup
         peaks = [peak for pid in workers(target.moxy.pid) if (peak := peak_rss_bytes(pid)) is not None]
         if peaks:
             target.peak_rss.append(max(peaks))
-        if target.key == "moxy_cold_fill_10k":
+        if filling:
             added = target.moxy.disk_entries() - entries_before
             target.disk_entries_added.append(added)
             # Half leaves room for writes still under way; fewer means the run did not measure storing on disk.
@@ -654,7 +672,10 @@ def start_stage(processes: Processes, root: Path, knobs: Knobs) -> Stage:
     main = {server: start_moxy(processes, root / f"moxy-{server}", server=server) for server in knobs.servers}
     small = start_moxy(processes, root / "moxy-small", memory_cache_bytes=SMALL_DISK_MEMORY_BYTES)
     fill = start_moxy(processes, root / "moxy-fill", memory_cache_bytes=COLD_FILL_MEMORY_BYTES)
-    return Stage(origin, cache, passthrough, main, small, fill, bodies, root)
+    fill_fsync = start_moxy(
+        processes, root / "moxy-fill-fsync", memory_cache_bytes=COLD_FILL_MEMORY_BYTES, disk_fsync=True
+    )
+    return Stage(origin, cache, passthrough, main, small, fill, fill_fsync, bodies, root)
 
 
 def main(argv: list[str] | None = None) -> int:

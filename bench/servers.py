@@ -294,6 +294,7 @@ def start_moxy(
     server: str = "uvicorn",
     memory_cache_bytes: int = MEMORY_CACHE_BYTES,
     disk_cache_bytes: int | None = None,
+    disk_fsync: bool = False,
 ) -> Moxy:
     """Moxy on a free loopback port, one worker: `moxy serve` (uvicorn), or granian loading the same app factory.
 
@@ -318,6 +319,7 @@ def start_moxy(
     )
     if disk_cache_bytes is not None:
         env["MOXY_DISK_CACHE_BYTES"] = str(disk_cache_bytes)
+    env["MOXY_DISK_FSYNC"] = "true" if disk_fsync else "false"
     if server == "uvicorn":
         command = [sys.executable, "-m", "moxy", "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     elif server == "granian" and (granian := granian_binary()) is not None:

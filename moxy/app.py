@@ -87,7 +87,9 @@ async def open_components(plan: Plan) -> routes.Components:
     await purges.refresh()
     memory = MemoryStorage(s.memory_cache_bytes, s.memory_max_entry_bytes) if s.memory_cache_bytes > 0 else None
     disk = (
-        DiskStorage(Path(s.cache_dir), s.disk_cache_bytes, watcher=DiskReport(metrics)) if s.disk_cache_bytes else None
+        DiskStorage(Path(s.cache_dir), s.disk_cache_bytes, watcher=DiskReport(metrics), fsync=s.disk_fsync)
+        if s.disk_cache_bytes
+        else None
     )
     tiers: list[Storage] = [tier for tier in (memory, disk) if tier is not None]
     if s.redis_url is not None:

@@ -147,8 +147,9 @@ class Proxy:
         self._negative: TTLCache[str, _Remembered] = TTLCache(
             maxsize=MARKS_BYTES, ttl=max(negative_ttl, 0.001), timer=clock, getsizeof=lambda mark: mark.size
         )
-        self._uncacheable: TTLCache[str, int] = TTLCache(
-            maxsize=MARKS_BYTES, ttl=UNCACHEABLE_MARK_SECONDS, timer=clock, getsizeof=lambda size: size
+        # Keys whose last answer could not be stored, with their size and whether a copy was stored for them then.
+        self._uncacheable: TTLCache[str, tuple[int, bool]] = TTLCache(
+            maxsize=MARKS_BYTES, ttl=UNCACHEABLE_MARK_SECONDS, timer=clock, getsizeof=lambda mark: mark[0]
         )
 
     # -- the flow ---------------------------------------------------------------
@@ -162,6 +163,12 @@ class Proxy:
             return Failed(exc, CacheResult.BYPASS)
         forwarded = self.forwarded_headers(request.headers)
         key = make_key(url, forwarded)
+        mark = self._uncacheable.get(key)
+        if mark is not None and not mark[1] and key not in self._negative:
+            # The upstream answered this key uncacheably moments ago and no copy was stored then: while the mark
+            # stands every request is fetched and none stored (see _coalesced), so a lookup (a disk stat, a Redis
+            # round trip) could only find nothing. Fetching instead of serving a copy is always a correct answer.
+            return await self._coalesced(key, url, forwarded, None)
         entry = await self.storage.get(key)
         if entry is not None and self.purges is not None and self.purges.covers(entry):
             # Purged through another worker (or as another variant): gone from every tier, here too.
@@ -360,7 +367,7 @@ class Proxy:
         )
         storable = is_storable(status, response.headers)
         if not storable:
-            self._uncacheable[key] = len(key) + _MARK_OVERHEAD
+            self._uncacheable[key] = (len(key) + _MARK_OVERHEAD, stale is not None)
         if storable and store:
             await self.storage.put(entry)
             self._negative.pop(key, None)
@@ -427,10 +434,13 @@ class Proxy:
         body: Body
         if isinstance(entry.body, BodyFile):
             source = entry.body
-            try:
-                body = await asyncio.to_thread(OpenBody.open, source.path, source.offset, source.length)
-            except FileNotFoundError:
-                return None
+            if source.opened is not None:
+                body = source.opened
+            else:
+                try:
+                    body = await asyncio.to_thread(OpenBody.open, source.path, source.offset, source.length)
+                except FileNotFoundError:
+                    return None
         else:
             body = entry.body
         return Served(entry, body, cache, age=current_age(entry, now), reason=reason)

@@ -5,12 +5,14 @@ rendered (hit_headers); the hit memo sends what it returns too."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from email.utils import formatdate
-from typing import Any, Literal, TypeAlias
+from typing import Literal, TypeAlias
 
 import orjson
 from starlette.requests import Request
@@ -33,10 +35,13 @@ from moxy.proxy import CacheResult, Served
 
 __all__ = [
     "SECURITY_HEADERS",
+    "Answer",
     "EntryFields",
     "RangeChoice",
+    "answer",
     "content_length",
     "entry_fields",
+    "error_answer",
     "error_response",
     "error_status",
     "hit_headers",
@@ -59,8 +64,14 @@ NOT_SENT = frozenset({"cache-control", "expires", "date", "age", "etag", "conten
 # and the server's high-water mark, not the whole body. Files are read FILE_READ_BYTES at a time (one thread hop
 # for most images). A client that takes nothing for a while is dropped by the server (moxy/server.py).
 SEND_SLICE = 64 * 1024
+# The ASGI extension through which a server takes a file-backed body without Python copying it (moxy/sending.py
+# implements it for `moxy serve`); without it, file bodies go through the read-and-slice loop.
+ZERO_COPY = "http.response.zerocopysend"
 FILE_READ_BYTES = 256 * 1024
 UPSTREAM_ERROR_MAX_AGE = 10
+_UPSTREAM_ERROR_CACHE_CONTROL = b"public, max-age=%d" % UPSTREAM_ERROR_MAX_AGE
+_SECURITY_FIELDS = tuple((name.encode("latin-1"), value.encode("latin-1")) for name, value in SECURITY_HEADERS.items())
+_JSON_TYPE = (b"content-type", b"application/json")
 REFUSED_REASON = "destination not allowed"
 # RFC 9110 §5.6.3: the only whitespace a field value may carry around it (str.strip() would also eat control bytes).
 _OWS = " \t"
@@ -83,7 +94,9 @@ def error_status(error: MoxyError) -> int:
     return 500
 
 
-def error_response(error: MoxyError, *, cache: str, head: bool = False, vary: str = "") -> Response:
+def error_answer(error: MoxyError, *, cache: str, head: bool = False, vary: str = "") -> Answer:
+    """The JSON answer for a Moxy error: its status from error_status, cacheable briefly only when the upstream
+    caused it."""
     status = error_status(error)
     kind = type(error).__name__
     reason = getattr(error, "reason", str(error))
@@ -91,19 +104,25 @@ def error_response(error: MoxyError, *, cache: str, head: bool = False, vary: st
         # Which check refused (a private address, a denied name, a loopback spelling) would tell anyone who can
         # get URLs signed how internal names resolve; the access log keeps the detail, the client gets this.
         reason = REFUSED_REASON
-    body = orjson.dumps({"error": kind, "reason": reason})
-    headers = dict(SECURITY_HEADERS)
+    body = b"" if head else orjson.dumps({"error": kind, "reason": reason})
+    headers = list(_SECURITY_FIELDS)
     if status in (400, 403, 410, 500):
         # Errors the request caused (or a fault of Moxy's own) must never be cached for everyone.
-        headers["cache-control"] = "no-store"
+        headers.append((b"cache-control", b"no-store"))
     else:
         # Upstream errors are kept briefly; the upstream saw the forwarded headers, so they name the variant.
-        headers["cache-control"] = f"public, max-age={UPSTREAM_ERROR_MAX_AGE}"
+        headers.append((b"cache-control", _UPSTREAM_ERROR_CACHE_CONTROL))
         if vary:
-            headers["vary"] = vary
-    headers["x-moxy-cache"] = cache
-    headers["cache-status"] = f"moxy; fwd=uri-miss; detail={_sf_string(reason)}" if status >= 500 else "moxy"
-    return Response(b"" if head else body, status_code=status, headers=headers, media_type="application/json")
+            headers.append((b"vary", vary.encode("latin-1")))
+    headers.append((b"x-moxy-cache", cache.encode("latin-1")))
+    cache_status = f"moxy; fwd=uri-miss; detail={_sf_string(reason)}" if status >= 500 else "moxy"
+    headers += [(b"cache-status", cache_status.encode("latin-1")), content_length(len(body)), _JSON_TYPE]
+    return Answer(status, headers, body, 0, len(body) - 1)
+
+
+def error_response(error: MoxyError, *, cache: str, head: bool = False, vary: str = "") -> Response:
+    """error_answer as a Starlette Response (for callers that hold a framework Request)."""
+    return error_answer(error, cache=cache, head=head, vary=vary).as_response()
 
 
 def surrogate_key(url: str) -> str:
@@ -134,7 +153,13 @@ def _modified(entry: Entry) -> tuple[float, bool]:
 
 def _last_modified(entry: Entry) -> str:
     """The Last-Modified clients revalidate against, always in IMF-fixdate form (RFC 9110 §5.6.7)."""
-    return formatdate(_modified(entry)[0], usegmt=True)
+    return _imf_fixdate(int(_modified(entry)[0]))
+
+
+@functools.lru_cache(maxsize=4096)
+def _imf_fixdate(seconds: int) -> str:
+    # Formatting a date is a noticeable share of a miss; entries of one upstream mostly share a handful of dates.
+    return formatdate(seconds, usegmt=True)
 
 
 def _etag(digest: str) -> str:
@@ -216,18 +241,18 @@ def content_length(size: int) -> tuple[bytes, bytes]:
     return b"content-length", b"%d" % max(0, size)
 
 
-def _not_modified(request: Request, served: Served) -> bool:
+def _not_modified(headers: Mapping[str, str], served: Served) -> bool:
     """RFC 9110 §13.2.2: If-None-Match, when present, decides alone; otherwise If-Modified-Since.
 
     A value that does not parse means "no condition": the request is answered in full, never refused."""
-    if_none_match = request.headers.get("if-none-match")
+    if_none_match = headers.get("if-none-match")
     if if_none_match is not None:
         # §13.1.2: weak comparison, so W/"x" matches Moxy's strong "x"; "*" matches any current representation.
         etag = _etag(served.entry.digest)
         candidates = {tag.strip(_OWS).removeprefix("W/") for tag in if_none_match.split(",")}
         return "*" in candidates or etag in candidates
     # §13.1.3: an If-Modified-Since that is not a valid HTTP-date is ignored.
-    since = parse_http_date(request.headers.get("if-modified-since"))
+    since = parse_http_date(headers.get("if-modified-since"))
     return since is not None and _modified(served.entry)[0] <= since
 
 
@@ -242,6 +267,7 @@ def _if_range_holds(value: str, entry: Entry) -> bool:
     return strong and date == modified
 
 
+_RANGE_PROBLEM = b'{"error":"RangeNotSatisfiable","reason":"the range starts past the end of the body"}'
 _RANGE_SPEC = re.compile(r"([0-9]*)-([0-9]*)")
 # A byte position with more significant digits than this lies past any body Moxy can hold; capping it keeps int()
 # away from digit strings past Python's conversion limit (4300 digits), where it raises instead of answering.
@@ -286,13 +312,13 @@ def parse_range(value: str | None, length: int) -> RangeChoice:
     return start, length - 1 if end is None else min(end, length - 1)
 
 
-def _byte_range(request: Request, served: Served, length: int) -> RangeChoice:
-    if request.method != "GET":
+def _byte_range(method: str, headers: Mapping[str, str], served: Served, length: int) -> RangeChoice:
+    if method != "GET":
         return None  # RFC 9110 §14.2: Range is ignored for every other method, HEAD included
-    if_range = request.headers.get("if-range")
+    if_range = headers.get("if-range")
     if if_range is not None and not _if_range_holds(if_range, served.entry):
         return None
-    return parse_range(request.headers.get("range"), length)
+    return parse_range(headers.get("range"), length)
 
 
 async def send_body(send: Send, body: bytes | memoryview, *, more_after: bool = False) -> None:
@@ -308,21 +334,45 @@ async def send_body(send: Send, body: bytes | memoryview, *, more_after: bool = 
         )
 
 
-class _BodyResponse(Response):
-    """A stored body, sent in slices (see SEND_SLICE); a file-backed one read FILE_READ_BYTES at a time.
+@dataclass(slots=True)
+class Answer:
+    """One answer of the proxy route, ready to go out as ASGI messages: no framework object is built for it.
 
-    Holding its own sending loop (instead of a streaming generator) means nothing is left suspended when the
-    client goes away: the open file is released with the response, at once."""
+    The body is bytes [start, end] of `body` (end < start: none): in memory, or in a file (OpenBody), which is
+    sent through the server's zero-copy extension when it has one, else read FILE_READ_BYTES at a time; either
+    way it leaves in slices (see SEND_SLICE). Holding its own sending loop (instead of a streaming generator)
+    means nothing is left suspended when the client goes away: the open file is released with the answer."""
 
-    def __init__(self, body: bytes | OpenBody, start: int, end: int, **kwargs: Any) -> None:
-        super().__init__(b"", **kwargs)
-        self.stored_body, self.start, self.end = body, start, end
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes | OpenBody = b""
+    start: int = 0
+    end: int = -1
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        body, position, end = self.stored_body, self.start, self.end
+        await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
+        body, position, end = self.body, self.start, self.end
         if isinstance(body, bytes):
-            await send_body(send, memoryview(body)[position : end + 1])
+            if position == 0 and end + 1 == len(body) and len(body) <= SEND_SLICE:
+                await send({"type": "http.response.body", "body": body, "more_body": False})
+            else:
+                await send_body(send, memoryview(body)[position : end + 1])
+            return
+        if end < position:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        if ZERO_COPY in scope.get("extensions", {}):
+            # The server moves the bytes from the file to the socket itself (moxy/sending.py): no read into
+            # Python and no copy loop here, and it waits for a slow client as the slices below would.
+            await send(
+                {
+                    "type": ZERO_COPY,
+                    "file": body.fd,
+                    "offset": body.offset + position,
+                    "count": end + 1 - position,
+                    "more_body": False,
+                }
+            )
             return
         while position <= end:
             size = min(FILE_READ_BYTES, end + 1 - position)
@@ -332,42 +382,55 @@ class _BodyResponse(Response):
             position += size
             await send_body(send, chunk, more_after=position <= end)
 
-
-def _answer(response: Response, headers: list[tuple[bytes, bytes]]) -> Response:
-    # The fields are complete and in order already: nothing is added to them.
-    response.raw_headers = headers
-    return response
+    def as_response(self) -> Response:
+        """This answer as a Starlette Response, which sends it exactly as calling it does."""
+        return _AnswerResponse(self)
 
 
-def render(request: Request, served: Served, vary: str) -> Response:
+class _AnswerResponse(Response):
+    def __init__(self, answer: Answer) -> None:
+        # No arguments to the base: it would add Content-Length and Content-Type fields of its own.
+        super().__init__()
+        self.answer = answer
+        self.status_code = answer.status
+        self.raw_headers = answer.headers
+        self.body = answer.body[answer.start : answer.end + 1] if isinstance(answer.body, bytes) else b""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.answer(scope, receive, send)
+
+
+def answer(method: str, headers: Mapping[str, str], served: Served, vary: str) -> Answer:
+    """The answer to a GET or HEAD (`method`, request `headers`) from a served entry: 200, 206, 304 or 416."""
     fields = entry_fields(served.entry, served.cache, vary=vary, stored=served.stored, reason=served.reason)
-    headers = hit_headers(fields, served.age)
-    if _not_modified(request, served):
-        return _answer(Response(status_code=304), [field for field in headers if field[0] != b"content-type"])
+    sent = hit_headers(fields, served.age)
+    if _not_modified(headers, served):
+        return Answer(304, [field for field in sent if field[0] != b"content-type"])
     length = served.entry.length
-    chosen = _byte_range(request, served, length)
+    chosen = _byte_range(method, headers, served, length)
     status, start, end = 200, 0, length - 1
     if chosen == "unsatisfiable":
         # The request's fault, like a 400: a small JSON error that no cache keeps (RFC 9110 §15.5.17 wants the
         # Content-Range that names the real length). The entry's own caching fields do not describe this answer.
         kept = {b"content-type", b"cache-control", b"content-length", b"age", b"etag", b"last-modified"}
-        headers = [field for field in headers if field[0] not in kept]
-        problem = b'{"error":"RangeNotSatisfiable","reason":"the range starts past the end of the body"}'
-        headers += [
-            (b"content-type", b"application/json"),
+        sent = [field for field in sent if field[0] not in kept]
+        problem = b"" if method == "HEAD" else _RANGE_PROBLEM
+        sent += [
+            _JSON_TYPE,
             (b"cache-control", b"no-store"),
             (b"content-range", b"bytes */%d" % length),
-            content_length(len(problem)),
+            content_length(len(_RANGE_PROBLEM)),
         ]
-        return _answer(Response(b"" if request.method == "HEAD" else problem, status_code=416), headers)
+        return Answer(416, sent, problem, 0, len(problem) - 1)
     if isinstance(chosen, tuple):
         status, (start, end) = 206, chosen
-        headers.append((b"content-range", b"bytes %d-%d/%d" % (start, end, length)))
-    headers.append(content_length(end + 1 - start))
-    body = served.body
-    if request.method == "HEAD" or length == 0:
-        return _answer(Response(b"", status_code=status), headers)
-    if isinstance(body, bytes) and end + 1 - start <= SEND_SLICE:
-        content = body if status == 200 else body[start : end + 1]
-        return _answer(Response(content, status_code=status), headers)
-    return _answer(_BodyResponse(body, start, end, status_code=status), headers)
+        sent.append((b"content-range", b"bytes %d-%d/%d" % (start, end, length)))
+    sent.append(content_length(end + 1 - start))
+    if method == "HEAD" or length == 0:
+        return Answer(status, sent)
+    return Answer(status, sent, served.body, start, end)
+
+
+def render(request: Request, served: Served, vary: str) -> Response:
+    """answer() for a Starlette Request, as a Response."""
+    return answer(request.method, request.headers, served, vary).as_response()

@@ -15,16 +15,18 @@ from typing import Any
 
 import orjson
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from moxy.cache import DiskStorage, MemoryStorage, Storage, TieredStorage
 from moxy.cache.purges import PurgeLog
 from moxy.config import Settings
 from moxy.errors import MoxyError
 from moxy.proxy import CacheResult, Proxy, ProxyRequest, Served
-from moxy.responses import SECURITY_HEADERS, error_response, render, surrogate_key
+from moxy.responses import SECURITY_HEADERS, Answer, answer, error_answer, surrogate_key
 from moxy.signing import Signer
 from moxy.telemetry import (
     CONTENT_TYPE as METRICS_CONTENT_TYPE,
@@ -110,25 +112,26 @@ class _Endpoints:
         self.on_hit = on_hit
         self.vary = components.vary
 
-    async def proxy(self, request: Request) -> Response:
+    async def proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The proxy route as plain ASGI: a miss is the path that must be cheap, so no framework Request or
+        Response object is made for it (moxy.responses.Answer goes out as the ASGI messages themselves)."""
         started = time.perf_counter()
         metrics = self.components.metrics
-        head = request.method == "HEAD"
+        method = scope["method"]
+        head = method == "HEAD"
         reason: str | None
         try:
-            scope = request.scope
-            # The path and query as the server decoded them (what request.url would rebuild, without parsing).
+            headers = Headers(scope=scope)
+            # The path and query as the server decoded them (what a framework's URL would rebuild, unparsed).
             query = scope["query_string"].decode("latin-1")
-            outcome = await self.components.proxy.handle(
-                ProxyRequest(path=scope["path"], query=query, headers=request.headers)
-            )
+            outcome = await self.components.proxy.handle(ProxyRequest(path=scope["path"], query=query, headers=headers))
             if isinstance(outcome, Served):
-                response = render(request, outcome, self.vary)
-                if outcome.cache is CacheResult.HIT and not head and response.status_code == 200 and self.on_hit:
-                    self.on_hit(request.scope, outcome)
+                reply = answer(method, headers, outcome, self.vary)
+                if outcome.cache is CacheResult.HIT and not head and reply.status == 200 and self.on_hit:
+                    self.on_hit(scope, outcome)
                 reason = outcome.reason
             else:
-                response = error_response(outcome.error, cache=outcome.cache.value, head=head, vary=self.vary)
+                reply = error_answer(outcome.error, cache=outcome.cache.value, head=head, vary=self.vary)
                 reason = getattr(outcome.error, "reason", str(outcome.error))
             cache, upstream_status, upstream_seconds = (
                 outcome.cache.value,
@@ -138,25 +141,25 @@ class _Endpoints:
         except Exception as exc:
             # A bug, never an expected outcome: the answer is still a well-formed, uncacheable JSON error with the
             # security headers, counted and logged like every other, and the traceback goes to the error log.
-            log_internal_error(request.scope["path"], exc)
-            response = error_response(MoxyError(INTERNAL_ERROR), cache=CacheResult.BYPASS.value, head=head)
+            log_internal_error(scope["path"], exc)
+            reply = error_answer(MoxyError(INTERNAL_ERROR), cache=CacheResult.BYPASS.value, head=head)
             cache, reason, upstream_status, upstream_seconds = CacheResult.BYPASS.value, INTERNAL_ERROR, None, None
             metrics.internal_errors.inc()
-        metrics.count_request(response.status_code, cache, time.perf_counter() - started)
+        metrics.count_request(reply.status, cache, time.perf_counter() - started)
         if self.components.settings.access_log:
-            sent = int(response.headers.get("content-length", 0) or 0)
             log_access(
-                request.method,
-                request.scope["path"],
-                response.status_code,
+                method,
+                scope["path"],
+                reply.status,
                 cache,
                 reason,
                 upstream_status,
                 upstream_seconds,
-                sent,
+                _sent_length(reply),
                 started,
+                client=scope.get("client"),
             )
-        return response
+        await reply(scope, receive, send)
 
     async def purge(self, request: Request) -> Response:
         settings = self.components.settings
@@ -226,8 +229,33 @@ class _Endpoints:
         return Response(text, media_type=METRICS_CONTENT_TYPE, headers=_NO_STORE)
 
 
-def router(components: Components, *, on_hit: OnHit | None = None) -> Starlette:
-    """The endpoints over `components`. /purge exists only when a purge token is configured."""
+class _Plain:
+    """An ASGI callable as the framework's route endpoint (a bare function or method would be taken for a
+    Request-to-Response handler)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+
+def _sent_length(reply: Answer) -> int:
+    for name, value in reply.headers:
+        if name == b"content-length":
+            return int(value)
+    return 0
+
+
+# The endpoints that are not the proxy route for GET and HEAD (HEAD is taken wherever GET is).
+_OPERATIONAL_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+def router(components: Components, *, on_hit: OnHit | None = None) -> ASGIApp:
+    """The endpoints over `components`. /purge exists only when a purge token is configured.
+
+    A GET or HEAD of any other path goes straight to the proxy route; the framework's router takes the rest
+    (the operational endpoints, other methods, targets that are no path)."""
     endpoints = _Endpoints(components, on_hit)
     routes = [
         Route("/healthz", healthz, methods=["GET", "HEAD"]),
@@ -236,7 +264,9 @@ def router(components: Components, *, on_hit: OnHit | None = None) -> Starlette:
     ]
     if components.settings.purge_token is not None:
         routes.append(Route("/purge", endpoints.purge, methods=["POST"]))
-    routes.append(Route("/{path:path}", endpoints.proxy, methods=["GET", "HEAD"]))
+    # Reached through the framework only for a method other than GET and HEAD: the route names the methods it
+    # takes, which makes the framework's answer a 405 (with Allow) instead of a 404.
+    routes.append(Route("/{path:path}", _Plain(endpoints.proxy), methods=["GET", "HEAD"]))
     metrics, access_log = components.metrics, components.settings.access_log
 
     async def refused(request: Request, exc: Exception) -> Response:
@@ -257,4 +287,18 @@ def router(components: Components, *, on_hit: OnHit | None = None) -> Starlette:
             log_access(request.method, path, status, "BYPASS", None, None, None, len(body), started)
         return response
 
-    return Starlette(routes=routes, exception_handlers={404: refused, 405: refused})
+    framework = Starlette(routes=routes, exception_handlers={404: refused, 405: refused})
+    proxy = endpoints.proxy
+
+    async def front(scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["method"] in ("GET", "HEAD")
+            and scope["path"].startswith("/")
+            and scope["path"] not in _OPERATIONAL_PATHS
+        ):
+            await proxy(scope, receive, send)
+        else:
+            await framework(scope, receive, send)
+
+    return front

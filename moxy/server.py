@@ -18,6 +18,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from moxy import sending
 from moxy.config import Settings, load_settings
 from moxy.responses import SECURITY_HEADERS
 
@@ -225,6 +226,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         busy = limit is not None and (len(self.connections) > limit or len(self.tasks) >= limit)
         self.app = self._busy if busy else self.real_app
         super().on_headers_complete()
+        sending.adopt(self.cycle, WRITE_STALL_SECONDS)
 
     def on_body(self, body: bytes) -> None:
         self.chunk_accounted += len(body)

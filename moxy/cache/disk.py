@@ -6,9 +6,12 @@ Layout under `directory`:
     tmp/                     temp files (ours and the fetcher's spools: same filesystem, so rename/link work)
     lock, usage              flock guarding the shared byte counter and eviction
 
-Crash safety: every file is written under tmp/, fsynced, renamed into place and its folder fsynced; the body
-is in place before the meta file that names it, so an entry becomes visible only whole. A torn or corrupt file
-fails its checksum and is removed on read.
+Crash safety: every file is written under tmp/ and renamed into place; the body is in place before the meta file
+that names it, so an entry becomes visible only whole. A torn or corrupt file fails its checksum and is removed on
+read, which is what keeps a crash from serving bad bytes, power cuts included (a body file is checked against its
+SHA-256 the first time each process reads it). With `fsync`, each file and its folder are also flushed before the
+rename is relied on, so entries survive a power cut; without it (the default in Moxy's settings, as in other
+HTTP caches) a power cut can cost entries, never correctness, and a put costs no disk flush.
 
 LRU: the meta file's mtime is the last-use time (set with an explicit nanosecond clock on put and on every hit).
 Eviction scans the folder under an exclusive flock, so several processes agree without a shared index. A sqlite
@@ -40,6 +43,7 @@ from typing import Protocol
 
 import anyio.to_thread
 
+from moxy.body import OpenBody
 from moxy.cache.entry import BodyFile, CorruptEntry, Entry, decode_entry, encode_entry, storage_id
 
 __all__ = ["DiskStorage", "DiskWatcher", "fault_kind"]
@@ -97,6 +101,25 @@ def _read_all(fd: int, size: int, offset: int = 0) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+class _WouldBlock(Exception):
+    """A read on the event loop found bytes that are not in the page cache: the lookup moves to a thread."""
+
+
+def _read_cached(fd: int, size: int, offset: int = 0) -> bytes:
+    """`size` bytes at `offset`, only if the page cache holds them all (RWF_NOWAIT): never waits for the disk."""
+    buffer = bytearray(size)
+    done = 0
+    while done < size:
+        try:
+            count = os.preadv(fd, [memoryview(buffer)[done:]], offset + done, os.RWF_NOWAIT)
+        except BlockingIOError as exc:
+            raise _WouldBlock from exc
+        if count == 0:
+            break
+        done += count
+    return bytes(buffer[:done])
+
+
 def _sha256_fd(fd: int, length: int) -> str:
     digest = hashlib.sha256()
     offset = 0
@@ -128,12 +151,17 @@ class DiskStorage:
         directory: Path,
         max_bytes: int,
         *,
-        inline_bytes: int = MiB,
+        inline_bytes: int = 64 * 1024,
         embed_bytes: int = 64 * 1024,
         watcher: DiskWatcher | None = None,
+        fsync: bool = True,
     ) -> None:
         self.directory = Path(directory)
         self.max_bytes = max_bytes
+        self.fsync = fsync
+        self._read_on_loop = hasattr(os, "RWF_NOWAIT")
+        # Bodies past this are handed over as an open file: the server sends those without copying them through
+        # Python (moxy/sending.py), which beats reading them into memory first for anything over a slice or two.
         self.inline_bytes = inline_bytes
         # Bodies this small live inside the meta file: one open and one read per hit, and rewriting them on
         # touch() is cheap. Larger bodies get their own file, which touch() never rewrites.
@@ -189,6 +217,17 @@ class DiskStorage:
         if not os.path.exists(self._meta_path(storage_id(key))):
             return None
         try:
+            if self._read_on_loop:
+                # A hit whose files sit in the page cache (the common case for a warm cache) is read right here:
+                # a few system calls, against the thread hop a read from the disk itself needs.
+                try:
+                    return self._get(key, on_loop=True)
+                except _WouldBlock:
+                    pass
+                except OSError as exc:
+                    if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                        raise
+                    self._read_on_loop = False  # a filesystem that cannot tell cached bytes apart: threads only
             return await anyio.to_thread.run_sync(self._get, key)
         except OSError as exc:
             # An unreadable file is a miss like a corrupt one; reads say nothing about whether writes work.
@@ -281,7 +320,8 @@ class DiskStorage:
         self._make_folders()
         written: list[Path] = []
         try:
-            os.unlink(self._write_temp(b"ready", written))
+            # Always flushed: a folder whose flushes fail (an I/O error) must not be reported as taking writes.
+            os.unlink(self._write_temp(b"ready", written, sync=True))
         finally:
             for path in written:
                 with contextlib.suppress(OSError):
@@ -290,7 +330,9 @@ class DiskStorage:
 
     # -- reading ---------------------------------------------------------------------------
 
-    def _get(self, key: str) -> Entry | None:
+    def _get(self, key: str, *, on_loop: bool = False) -> Entry | None:
+        """The entry of `key`, or None. `on_loop`: read only what the page cache holds and do nothing slow (no
+        hashing of a large file, no locking), raising _WouldBlock instead, so it may run on the event loop."""
         sid = storage_id(key)
         meta_path = self._meta_path(sid)
         try:
@@ -299,18 +341,20 @@ class DiskStorage:
             return None
         try:
             meta_stat = os.fstat(fd)
-            blob = _read_all(fd, meta_stat.st_size)
+            blob = _read_cached(fd, meta_stat.st_size) if on_loop else _read_all(fd, meta_stat.st_size)
         finally:
             os.close(fd)
         try:
             entry = decode_entry(blob)
         except CorruptEntry:
+            if on_loop:
+                raise _WouldBlock from None  # removing it takes the folder's lock: a thread's work
             self._discard(meta_path, blob)
             return None
         if entry.key != key:
             return None  # another key with the same storage id: a miss, never its body
         if isinstance(entry.body, bytes) and len(entry.body) != entry.length:  # the body lives in its own file
-            body = self._open_body(sid, entry, meta_path, blob)
+            body = self._open_body(sid, entry, meta_path, blob, on_loop=on_loop)
             if body is None:
                 return None
             entry = entry.with_body(body)
@@ -319,29 +363,45 @@ class DiskStorage:
             os.utime(meta_path, ns=(now, now))  # the LRU clock, seen by every process
         return entry
 
-    def _open_body(self, sid: str, entry: Entry, meta_path: Path, meta_blob: bytes) -> bytes | BodyFile | None:
+    def _open_body(
+        self, sid: str, entry: Entry, meta_path: Path, meta_blob: bytes, *, on_loop: bool = False
+    ) -> bytes | BodyFile | None:
         path = self._body_path(sid, entry.digest)
         try:
             fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
         except FileNotFoundError:
+            if on_loop:
+                raise _WouldBlock from None
             # Either a newer put replaced this entry between our two opens (a miss), or the body is gone.
             self._discard(meta_path, meta_blob)
             return None
+        handed_over = False
         try:
             st = os.fstat(fd)
             identity = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
             name = str(path)
             known = self._verified.get(name) == identity
             if st.st_size != entry.length:
+                if on_loop:
+                    raise _WouldBlock
                 ok, data = False, None
             elif entry.length <= self.inline_bytes:
-                data = _read_all(fd, entry.length)
+                data = _read_cached(fd, entry.length) if on_loop else _read_all(fd, entry.length)
                 ok = known or (len(data) == entry.length and hashlib.sha256(data).hexdigest() == entry.digest)
             else:
+                if on_loop and not known:
+                    raise _WouldBlock  # the first read of a large body hashes all of it
                 data = None
                 ok = known or _sha256_fd(fd, entry.length) == entry.digest
+            if not ok and on_loop:
+                raise _WouldBlock
+            if ok and data is None:
+                # The descriptor just checked is the one the answer is sent from: no second open, no second hop.
+                opened = OpenBody(fd, 0, entry.length)
+                handed_over = True
         finally:
-            os.close(fd)
+            if not handed_over:
+                os.close(fd)
         if not ok:
             self._verified.pop(name, None)
             self._discard(meta_path, meta_blob, body=path)
@@ -350,7 +410,7 @@ class DiskStorage:
             if len(self._verified) > 16384:
                 self._verified.clear()
             self._verified[name] = identity
-        return data if data is not None else BodyFile(name, 0, entry.length)
+        return data if data is not None else BodyFile(name, 0, entry.length, opened)
 
     def _discard(self, meta_path: Path, meta_blob: bytes, *, body: Path | None = None) -> None:
         """Remove a broken entry, unless a writer has meanwhile put a new version in its place.
@@ -412,8 +472,9 @@ class DiskStorage:
             raise
         if usage is None:
             return False
-        with contextlib.suppress(OSError):
-            _fsync_dir(meta_path.parent)  # durability of the rename; the entry is already whole either way
+        if self.fsync:
+            with contextlib.suppress(OSError):
+                _fsync_dir(meta_path.parent)  # durability of the rename; the entry is already whole either way
         if usage > self.max_bytes:
             self._evict()
         return True
@@ -480,17 +541,19 @@ class DiskStorage:
                 self._copy(source, temp, body)
         finally:
             os.close(source)
-        fd = os.open(temp, os.O_RDONLY | _O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if self.fsync:
+            fd = os.open(temp, os.O_RDONLY | _O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         target.parent.mkdir(exist_ok=True)
         os.replace(temp, target)
         # Not removed if the meta write then fails: a concurrent put of the same version may already name it.
         # An unnamed body is swept by the next recount (or replaced by the next put of this key).
         written.remove(temp)
-        _fsync_dir(target.parent)
+        if self.fsync:
+            _fsync_dir(target.parent)
 
     @staticmethod
     def _copy(source: int, temp: Path, body: BodyFile) -> None:
@@ -517,10 +580,12 @@ class DiskStorage:
         target.parent.mkdir(exist_ok=True)
         os.replace(temp, target)
         written.remove(temp)
-        _fsync_dir(target.parent)
+        if self.fsync:
+            _fsync_dir(target.parent)
 
-    def _write_temp(self, data: bytes, written: list[Path]) -> Path:
-        """`data` in a new temp file, fsynced, its mtime (the LRU clock) set to now."""
+    def _write_temp(self, data: bytes, written: list[Path], *, sync: bool | None = None) -> Path:
+        """`data` in a new temp file, its mtime (the LRU clock) set to now; fsynced when `sync` (default: the
+        tier's `fsync`)."""
         temp = self._temp_path()
         written.append(temp)
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o600)
@@ -528,7 +593,8 @@ class DiskStorage:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            if self.fsync if sync is None else sync:
+                os.fsync(fd)
             now = time.time_ns()
             os.utime(fd, ns=(now, now))
         finally:

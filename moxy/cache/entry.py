@@ -8,11 +8,12 @@ import hashlib
 import re
 import struct
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
 
+from moxy.body import OpenBody
 from moxy.errors import MoxyError
 from moxy.fields import valid_field_name, valid_field_value
 
@@ -33,11 +34,16 @@ class CorruptEntry(MoxyError, ValueError):
 
 @dataclass(frozen=True, slots=True)
 class BodyFile:
-    """A body held in a file at [offset, offset + length); the reader opens and streams it."""
+    """A body held in a file at [offset, offset + length); the reader opens and streams it.
+
+    `opened`, when a tier already opened the file to check it, is that descriptor: the answer is sent from it
+    instead of opening the file a second time (and the copy read is the copy checked, even if a newer put
+    replaces the file meanwhile). It is not part of the value."""
 
     path: str
     offset: int
     length: int
+    opened: OpenBody | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True, weakref_slot=True)

@@ -18,9 +18,9 @@ def slow_commit_app() -> MoxyApp:
     the moment a crash would leave a body that no entry names."""
     write_temp = DiskStorage._write_temp
 
-    def paused(self: DiskStorage, data: bytes, written: list[Path]) -> Path:
+    def paused(self: DiskStorage, data: bytes, written: list[Path], *, sync: bool | None = None) -> Path:
         time.sleep(COMMIT_PAUSE_SECONDS)  # in the storage thread, as the real write would be
-        return write_temp(self, data, written)
+        return write_temp(self, data, written, sync=sync)
 
     DiskStorage._write_temp = paused  # type: ignore[method-assign]
     return create_app()

@@ -582,3 +582,108 @@ async def test_a_folder_emptied_under_a_running_tier_is_made_again(tmp_path: Pat
     assert found is not None and found.length == stored.length
     assert (folder / "lock").exists(), "the lock every worker shares is the one in the folder again"
     await disk.aclose()
+
+
+# -- flushing ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fsync", [True, False])
+async def test_puts_flush_only_when_asked_and_entries_read_back_whole_either_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fsync: bool
+) -> None:
+    storage = DiskStorage(tmp_path / "cache", 64 * MiB, fsync=fsync)
+    flushed: list[int] = []
+    real_fsync = os.fsync
+
+    def counted_fsync(fd: int) -> None:
+        flushed.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counted_fsync)
+    small, large = make_entry("small.png", b"s" * 1000), make_entry("large.png", os.urandom(200 * 1024))
+    await storage.put(small)
+    await storage.put(large)
+    assert bool(flushed) is fsync, f"{len(flushed)} flushes with fsync={fsync}"
+    for stored in (small, large):
+        got = await storage.get(stored.key)
+        assert got is not None and read_body(got) == read_body(stored)
+
+
+async def test_the_readiness_probe_always_flushes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    storage = DiskStorage(tmp_path / "cache", 64 * MiB, fsync=False)
+    flushed: list[int] = []
+    monkeypatch.setattr(os, "fsync", flushed.append)
+    assert await storage.probe()
+    assert flushed, "a folder whose flushes fail must not be reported as taking writes"
+
+
+async def test_a_large_body_comes_back_as_its_checked_open_file(tmp_path: Path) -> None:
+    storage = DiskStorage(tmp_path / "cache", 64 * MiB)
+    large = make_entry("large.png", os.urandom(200 * 1024))
+    await storage.put(large)
+    got = await storage.get(large.key)
+    assert got is not None and isinstance(got.body, BodyFile) and got.body.opened is not None
+    body_file(tmp_path / "cache", large).unlink()  # replaced or evicted after the check: the open file still reads
+    assert got.body.opened.read(0, got.body.length) == read_body(large)
+
+
+# -- reads on the event loop -----------------------------------------------------------------------------------------
+
+
+def count_thread_hops(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    import anyio.to_thread
+
+    hops: list[object] = []
+    real = anyio.to_thread.run_sync
+
+    async def counted(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        hops.append(function)
+        return await real(function, *args, **kwargs)
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", counted)
+    return hops
+
+
+@pytest.mark.parametrize("size", [1000, 40 * 1024, 200 * 1024])  # embedded, own file read whole, own file opened
+async def test_a_warm_hit_is_read_on_the_loop_without_a_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    storage = DiskStorage(tmp_path / "cache", 64 * MiB, inline_bytes=SMALL_INLINE, embed_bytes=4096)
+    stored = make_entry("a.png", os.urandom(size))
+    await storage.put(stored)
+    assert (await storage.get(stored.key)) is not None  # the first read checks the body's hash
+    hops = count_thread_hops(monkeypatch)
+    got = await storage.get(stored.key)
+    assert got is not None and read_body(got) == read_body(stored)
+    assert hops == [], "page-cached files need no thread"
+
+
+@pytest.mark.parametrize(
+    "failure", [BlockingIOError(errno.EAGAIN, "not cached"), OSError(errno.EOPNOTSUPP, "no RWF_NOWAIT here")]
+)
+async def test_bytes_not_in_the_page_cache_are_read_in_a_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: OSError
+) -> None:
+    storage = DiskStorage(tmp_path / "cache", 64 * MiB)
+    stored = make_entry("a.png", b"x" * 5000)
+    await storage.put(stored)
+
+    def uncached(*args: Any) -> int:
+        raise failure
+
+    monkeypatch.setattr(os, "preadv", uncached)
+    hops = count_thread_hops(monkeypatch)
+    got = await storage.get(stored.key)
+    assert got is not None and read_body(got) == read_body(stored)
+    assert len(hops) == 1
+    # A filesystem without the flag is not asked again; one that merely lacked the bytes is.
+    assert storage._read_on_loop is isinstance(failure, BlockingIOError)
+
+
+async def test_a_damaged_entry_found_on_the_loop_is_removed_by_the_thread(tmp_path: Path) -> None:
+    storage = DiskStorage(tmp_path / "cache", 64 * MiB)
+    stored = make_entry("a.png", b"x" * 5000)
+    await storage.put(stored)
+    flip(meta_file(tmp_path / "cache", stored), 40)
+    assert await storage.get(stored.key) is None
+    assert not meta_file(tmp_path / "cache", stored).exists()

@@ -323,6 +323,60 @@ async def test_uncacheable_answer_is_bypassed_and_later_requests_do_not_queue(ma
     assert await rig.stored() is None
 
 
+class CountingStorage(MemoryStorage):
+    """The memory tier, counting lookups."""
+
+    lookups = 0
+
+    async def get(self, key: str) -> Entry | None:
+        self.lookups += 1
+        return await super().get(key)
+
+
+async def test_a_key_just_answered_uncacheably_with_nothing_stored_skips_the_lookup(make_rig: MakeRig) -> None:
+    storage = CountingStorage(64 * MiB, 8 * MiB)
+    rig = make_rig(storage=storage)
+    no_store = {"content-type": JSON, "cache-control": "no-store"}
+    for _ in range(4):
+        rig.upstream.then(Answer(headers=no_store))
+    assert served(await rig.get()).cache is CacheResult.BYPASS
+    assert storage.lookups == 1
+    assert served(await rig.get()).cache is CacheResult.BYPASS
+    assert served(await rig.get()).cache is CacheResult.BYPASS
+    assert storage.lookups == 1, "a lookup could only find nothing while the uncacheable mark stands"
+    rig.clock.advance(6)  # the mark has lapsed: the next request looks again
+    assert served(await rig.get()).cache is CacheResult.BYPASS
+    assert storage.lookups == 2
+    assert len(rig.upstream.calls) == 4
+
+
+async def test_a_key_answered_uncacheably_over_a_stored_copy_keeps_looking_it_up(make_rig: MakeRig) -> None:
+    storage = CountingStorage(64 * MiB, 8 * MiB)
+    rig = make_rig(storage=storage)
+    rig.upstream.then(Answer())  # cacheable: stored for 60 s
+    rig.upstream.then(Answer(headers={"content-type": JSON, "cache-control": "no-store"}))
+    rig.upstream.then(Answer(status=500))
+    served(await rig.get())
+    rig.clock.advance(61)  # stale; the refetch answers no-store
+    assert served(await rig.get()).cache is CacheResult.BYPASS
+    lookups = storage.lookups
+    # The stored copy is still there for stale-if-error: the next request must find it when the upstream fails.
+    stale = served(await rig.get())
+    assert storage.lookups == lookups + 1
+    assert (stale.cache, body_of(stale)) == (CacheResult.STALE, GOOD)
+
+
+async def test_a_remembered_failure_is_not_skipped_by_the_uncacheable_mark(make_rig: MakeRig) -> None:
+    rig = make_rig()
+    rig.upstream.then(Answer(headers={"content-type": JSON, "cache-control": "no-store"}))
+    rig.upstream.then(Answer(status=502))
+    served(await rig.get())
+    assert isinstance(await rig.get(), Failed)
+    # Within the negative TTL the failure is remembered: no third fetch, even though the key is marked uncacheable.
+    assert isinstance(await rig.get(), Failed)
+    assert len(rig.upstream.calls) == 2
+
+
 # -- stale copies --------------------------------------------------------------------------------------
 
 
@@ -418,8 +472,13 @@ async def test_refetch_after_a_vanished_body_keeps_the_variant(make_rig: MakeRig
     rig.clock.advance(61)
     rig.upstream.then(Answer(status=304, body=b"", headers=validators, before=evict_bodies))
     rig.upstream.then(Answer(body=big, headers=validators))
-    assert body_of(served(await rig.get(accept=JSON_ACCEPT))) == big
+    # The disk tier handed over the body's open descriptor with the stale entry, so the copy the 304 confirmed
+    # is still readable and is served; the vanished file is noticed by the next lookup, which refetches.
+    revalidated = served(await rig.get(accept=JSON_ACCEPT))
+    assert (revalidated.cache, body_of(revalidated)) == (CacheResult.REVALIDATED, big)
     assert rig.upstream.calls[1].headers == {"accept": JSON_ACCEPT, "if-none-match": '"v1"'}
+    assert body_of(served(await rig.get(accept=JSON_ACCEPT))) == big
+    assert len(rig.upstream.calls) == 3
     assert rig.upstream.calls[2].headers == {"accept": JSON_ACCEPT}, "the refetch must ask for the same variant"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -136,3 +137,19 @@ async def test_an_unwritable_log_still_purges_here(tmp_path: Path) -> None:
     assert await log.record(URL, 200.0) is False
     assert log.covers(entry(stored_at=150.0)), "this worker applies the purge whatever the disk does"
     assert await PurgeLog(tmp_path / "purges.log").record(URL, 200.0) is True
+
+
+async def test_a_purge_is_flushed_to_disk_before_it_counts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Entries may be written without flushing (MOXY_DISK_FSYNC), but a purge lost to a power cut would bring the
+    # purged copies back after the restart: its line is always flushed.
+    flushed: list[int] = []
+    real_fsync = os.fsync
+
+    def counted_fsync(fd: int) -> None:
+        flushed.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counted_fsync)
+    log = PurgeLog(tmp_path / "purges.log")
+    assert await log.record("https://img.example/a.png", 1_700_000_000.0)
+    assert flushed

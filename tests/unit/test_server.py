@@ -12,42 +12,11 @@ from uvicorn.config import Config
 from uvicorn.server import ServerState
 
 from moxy.server import BoundedHttpToolsProtocol, ClientLimits
+from tests.fakes.transport import FakeTransport
 
 LIMITS = ClientLimits(
     max_url_bytes=1024, max_header_bytes=2048, max_header_fields=10, head_timeout=60.0, max_connections=None
 )
-
-
-class FakeTransport(asyncio.Transport):
-    def __init__(self) -> None:
-        super().__init__()
-        self.written = bytearray()
-        self.closed = False
-        self.eof_written = False
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return {"peername": ("127.0.0.1", 40000), "sockname": ("127.0.0.1", 8080)}.get(name, default)
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.written += data
-
-    def can_write_eof(self) -> bool:
-        return True
-
-    def write_eof(self) -> None:
-        self.eof_written = True
-
-    def close(self) -> None:
-        self.closed = True
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
 
 
 async def ok_app(scope: Any, receive: Any, send: Any) -> None:
