@@ -162,7 +162,12 @@ class SendingCycle(RequestResponseCycle):
                 if watched is None:
                     # The transport owns the socket's descriptor and the loop refuses a second watcher on it; a
                     # duplicate names the same socket under another number.
-                    watched = os.dup(out)
+                    try:
+                        watched = os.dup(out)
+                    except OSError:
+                        # Out of descriptors (many stalled clients at once): the rest goes the copying way, which
+                        # needs none, rather than failing an answer already under way.
+                        return await self._copy(fd, offset, end - offset)
                 if not await self._writable(loop, watched):
                     self.transport.abort()  # the client took nothing for stall_seconds
                     return False

@@ -4,6 +4,7 @@ The full flow over it (a large cached body served from its file by `moxy serve`)
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import socket
@@ -17,7 +18,7 @@ import pytest
 import uvicorn
 
 from moxy import server as moxy_server_module
-from moxy.sending import ZERO_COPY
+from moxy.sending import ZERO_COPY, SendingCycle
 from moxy.server import BoundedHttpToolsProtocol, ClientLimits
 from tests.integration.moxy_server import MoxyServer
 from tests.integration.origin import Origin, Reply
@@ -145,6 +146,31 @@ def test_a_slow_reader_gets_every_byte(served_file: tuple[int, bytes, FileApp]) 
         time.sleep(0.5)  # the server meets a full socket many times over: it must wait, not spin or drop
         _, body = _read_answer(sock)
         assert body == data
+
+
+def test_without_a_spare_descriptor_a_slow_reader_still_gets_every_byte(
+    served_file: tuple[int, bytes, FileApp], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port, data, _ = served_file
+
+    def no_descriptors(fd: int) -> int:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    copied: list[int] = []
+    copy = SendingCycle._copy
+
+    async def counted_copy(self: SendingCycle, fd: int, offset: int, count: int) -> bool:
+        copied.append(count)
+        return await copy(self, fd, offset, count)
+
+    monkeypatch.setattr(os, "dup", no_descriptors)  # waiting for the socket needs one; copying does not
+    monkeypatch.setattr(SendingCycle, "_copy", counted_copy)
+    with _connect(port, receive_buffer=4096) as sock:
+        _request(sock, f"/file?count={len(data)}")
+        time.sleep(0.5)  # the socket fills: the server must wait for it, and cannot watch it without a descriptor
+        _, body = _read_answer(sock)
+        assert body == data
+    assert copied, "the rest of the body went the copying way"
 
 
 def test_a_file_shorter_than_promised_cuts_the_answer_never_pads_it(served_file: tuple[int, bytes, FileApp]) -> None:
