@@ -7,10 +7,8 @@ from __future__ import annotations
 import base64
 import os
 import secrets
-import signal
 import sys
 from pathlib import Path
-from types import FrameType
 from typing import Any, NoReturn
 
 import click
@@ -134,10 +132,9 @@ def _print_welcome(settings: Settings, signer: Signer, fd: int | None = None) ->
 def serve(
     host: str | None, port: int | None, workers: str | None, fd: int | None, init_key: bool, app_factory: str
 ) -> None:
-    """Run the proxy."""
-    import uvicorn
-
-    from moxy.server import BoundedHttpToolsProtocol
+    """Run the proxy. SIGHUP replaces the workers one at a time with the installed code and settings (a bad
+    configuration is refused and the running workers keep serving); SIGTERM finishes what is in flight, then exits 0."""
+    from moxy import supervisor
 
     flags = {"host": host, "port": port, "workers": workers}
     settings = _settings(**flags)
@@ -156,16 +153,57 @@ def serve(
             os.environ[f"MOXY_{name.upper()}"] = str(value)
     if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_fresh_metrics_dir(settings.cache_dir))
-    # uvicorn finishes in-flight requests on SIGTERM, then re-raises the signal with the handler that was in
-    # place before it started; with this one the process then exits 0, as a supervisor expects of a clean stop.
-    signal.signal(signal.SIGTERM, _exit_cleanly)
-    uvicorn.run(
-        app_factory,
+    try:
+        code = supervisor.supervise(
+            host=settings.host,
+            port=settings.port,
+            fd=fd,
+            workers=settings.workers,
+            # Each worker is a fresh interpreter, so a reload runs the code installed at the time of the SIGHUP.
+            command=[sys.executable, "-m", "moxy", "worker", "--app", app_factory],
+            preflight=lambda: _preflight(flags),
+        )
+    except ConfigError as exc:  # the address cannot be listened on
+        _fail(str(exc), 2)
+    sys.exit(code)
+
+
+def _preflight(flags: dict[str, Any]) -> Settings:
+    """What `serve` checks before its workers start, again before a reload replaces them: the settings (re-read
+    from the environment and the files they name), the key ring, and `Settings.check()`. Raises ConfigError."""
+    settings = load_settings(**flags)
+    Signer(settings.signing_keys(), settings.base_url, camo_keys=settings.camo_keys())
+    settings.check()
+    return settings
+
+
+@main.command(hidden=True)
+@click.option("--listen-fd", type=int, required=True)
+@click.option("--control-fd", type=int, required=True)
+@click.option("--supervisor", "supervisor_pid", type=int, required=True)
+@click.option("--app", "app_factory", default="moxy.app:create_app")
+def worker(listen_fd: int, control_fd: int, supervisor_pid: int, app_factory: str) -> None:
+    """One worker process of `moxy serve`, started by its supervisor (moxy.supervisor), never by hand."""
+    import uvicorn
+
+    from moxy import supervisor
+
+    supervisor.bind_to_supervisor(supervisor_pid)  # first: a supervisor killed from here on takes this worker along
+    options = server_options(_settings(), app_factory)
+    try:
+        supervisor.run_worker(uvicorn.Config(**options), listen_fd, control_fd)
+    except ConfigError as exc:  # raised by the app factory (a rules file that does not parse): one line, not a trace
+        _fail(str(exc), 2)
+
+
+def server_options(settings: Settings, app_factory: str) -> dict[str, Any]:
+    """The uvicorn configuration of one worker, serving on the socket its supervisor hands it."""
+    from moxy.server import BoundedHttpToolsProtocol
+    from moxy.supervisor import GRACE_SECONDS
+
+    return dict(
+        app=app_factory,
         factory=True,
-        host=settings.host,
-        port=settings.port,
-        fd=fd,
-        workers=settings.workers,
         # The bounds on what a client may send (moxy.server); its workers read them from MOXY_* like the app.
         http=BoundedHttpToolsProtocol,
         # Moxy speaks no WebSocket: an upgrade request is answered as the plain HTTP request it also is, by Moxy's
@@ -176,7 +214,7 @@ def serve(
         access_log=False,
         server_header=False,
         proxy_headers=False,
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=GRACE_SECONDS,
         log_config=_log_config(settings),  # JSON lines at MOXY_LOG_LEVEL, applied in every worker (moxy.logs)
     )
 
@@ -188,10 +226,6 @@ def _fresh_metrics_dir(cache_dir: Path) -> Path:
     for stale in folder.glob("*.db"):
         stale.unlink(missing_ok=True)
     return folder
-
-
-def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(0)
 
 
 @main.command()

@@ -25,7 +25,7 @@ from moxy.responses import SECURITY_HEADERS
 if TYPE_CHECKING:
     from uvicorn._types import ASGIReceiveCallable, ASGISendCallable, Scope
 
-__all__ = ["BoundedHttpToolsProtocol", "ClientLimits", "process_limits", "refusal"]
+__all__ = ["BoundedHttpToolsProtocol", "ClientLimits", "DrainState", "process_limits", "refusal"]
 
 # After a refusal, what the client still sends is read and dropped for up to this long before the socket closes:
 # closing with unread bytes makes the kernel answer with a reset, which can destroy the answer before the client
@@ -90,6 +90,15 @@ def refusal(kind: str, reason: str, extra: dict[str, str] | None = None) -> tupl
     return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()], body
 
 
+class DrainState(ServerState):
+    """uvicorn's state shared by a worker's connections, plus whether the worker has begun to drain (it stopped
+    accepting: a restart replaced it, or it was told to stop). moxy.supervisor's worker server sets `draining`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.draining = False
+
+
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, with Moxy's bounds on the request head and on concurrent connections.
 
@@ -122,6 +131,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self.head_timer: asyncio.TimerHandle | None = None
         self.linger_timer: asyncio.TimerHandle | None = None
         self.stall_timer: asyncio.TimerHandle | None = None
+        self.draining = False  # the worker is stopping: this connection's next answer is its last
 
     # -- connection -------------------------------------------------------------------------------------------
 
@@ -129,6 +139,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         # uvicorn arms no timer on a fresh connection, so one that never speaks would stay open for ever.
         self._arm_head_timer()
+        if isinstance(self.server_state, DrainState) and self.server_state.draining:
+            self.shutdown()  # accepted just before the listener closed, made after the drain began
 
     def connection_lost(self, exc: Exception | None) -> None:
         for timer in (self.head_timer, self.linger_timer, self.stall_timer):
@@ -181,6 +193,24 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if self.head_bytes - self.url_bytes > self.limits.max_header_bytes + HEAD_LINE_ALLOWANCE:
             self._refuse(_Refused(431, "HeaderTooLarge", self._header_bytes_reason()))
 
+    def shutdown(self) -> None:
+        """The worker stopped accepting (uvicorn calls this on every open connection). uvicorn's own version closes
+        an idle keep-alive connection at once, which resets a request the client may be sending on it at that very
+        moment. Here the client is told instead: the next answer on the connection carries `Connection: close`,
+        and a connection that stays idle is closed by the keep-alive timer, exactly when it would have been closed
+        anyway, so a drain adds no race that keep-alive does not already have."""
+        self.draining = True
+        if self.closing_after_refusal or self.transport.is_closing():
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            if not self.cycle.response_started:
+                self.cycle.keep_alive = False  # the answer being made is the last, and its head will say so
+            # Its head already went out without `close`: it ends as keep-alive, the next answer says close.
+        elif self.timeout_keep_alive_task is None and not (self.head_bytes or self.url_bytes or self.field_count):
+            # Nothing said on it yet (a head in progress is bounded by the head timer): the keep-alive time to speak.
+            handler = self.timeout_keep_alive_handler
+            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, handler)
+
     def send_400_response(self, msg: str) -> None:
         # uvicorn's answer to a head httptools cannot parse, and the way out of a callback that refused one
         self._refuse(self.refused or _Refused(400, "BadRequest", msg))
@@ -226,6 +256,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         busy = limit is not None and (len(self.connections) > limit or len(self.tasks) >= limit)
         self.app = self._busy if busy else self.real_app
         super().on_headers_complete()
+        if self.draining and self.cycle is not None:
+            self.cycle.keep_alive = False  # a request during the drain: answered, with `Connection: close`
         sending.adopt(self.cycle, WRITE_STALL_SECONDS)
 
     def on_body(self, body: bytes) -> None:

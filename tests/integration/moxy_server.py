@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 
 from moxy.signing import Signer
+from tests import processes
 from tests.assets import KEY
 
 # What a fault of Moxy's own code leaves in its log (moxy.app's record, uvicorn's report of an escaped exception).
@@ -57,7 +58,11 @@ class MoxyServer:
                 "MOXY_ALLOWED_NETWORKS": "127.0.0.0/8,::1/128",
             }
         )
-        env.update({f"MOXY_{name.upper()}": str(value) for name, value in self.settings.items()})
+        for name, value in self.settings.items():
+            if value is None:
+                env.pop(f"MOXY_{name.upper()}", None)  # e.g. key=None: no MOXY_KEY, so MOXY_KEY_FILE is read
+            else:
+                env[f"MOXY_{name.upper()}"] = str(value)
         # The product command itself, so every integration test runs what `moxy serve` builds (its client bounds
         # included), on the socket bound above.
         command = [sys.executable, "-m", "moxy", "serve", "--fd", str(listener.fileno())]
@@ -108,12 +113,27 @@ class MoxyServer:
         found = self.internal_errors()
         assert not found, "Moxy's own code failed:\n" + "\n".join(line[:2000] for line in found[:5])
 
-    def peak_rss_kib(self) -> int:
+    def worker_pids(self) -> set[int]:
+        """The processes that serve: `moxy serve` is a supervisor, its workers are its children (moxy.supervisor)."""
         assert self.process is not None
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-        raise RuntimeError("no VmHWM")
+        return processes.children(self.process.pid)
+
+    def worker_pid(self) -> int:
+        """The one worker of a single-worker Moxy: where its memory, descriptors and connections are."""
+        found = self.worker_pids()
+        assert len(found) == 1, f"{len(found)} workers"
+        return found.pop()
+
+    def peak_rss_kib(self) -> int:
+        """The largest peak RSS (VmHWM) among the workers."""
+        peaks = []
+        for pid in self.worker_pids():
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peaks.append(int(line.split()[1]))
+        if not peaks:
+            raise RuntimeError("no VmHWM")
+        return max(peaks)
 
     def __enter__(self) -> MoxyServer:
         return self.start()

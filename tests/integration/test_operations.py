@@ -134,9 +134,15 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., tuple[subprocess.Popen[bytes
 
     yield run
     for process in started:
+        # A clean stop, so the supervisor drains and reaps its workers; kill only one that hangs (its workers then
+        # die with it: moxy.supervisor.bind_to_supervisor).
         if process.poll() is None:
-            process.kill()
-            process.wait(10)
+            process.terminate()
+            try:
+                process.wait(40)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
 
 
 def test_metrics_sum_over_workers(origin: Origin, serve: Callable[..., tuple[subprocess.Popen[bytes], str]]) -> None:

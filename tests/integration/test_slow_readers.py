@@ -51,8 +51,7 @@ def test_stalled_readers_hold_a_slice_each(
     url = moxy.sign(origin.url("/big.png"))
     first = moxy.get(origin.url("/big.png"))
     assert first.status_code == 200 and first.content == body
-    assert moxy.process is not None
-    pid = moxy.process.pid
+    pid = moxy.worker_pid()  # the process that serves, under `moxy serve`'s supervisor
     before, fds_before = _rss(pid), _open_fds(pid)
     clients = [_stalled_client(moxy, url) for _ in range(CLIENTS)]
     try:

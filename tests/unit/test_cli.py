@@ -10,20 +10,23 @@ import hmac
 import os
 import re
 import stat
+import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from email.message import Message
 from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from click.testing import CliRunner, Result
 
-from moxy import __version__
-from moxy.cli import ensure_key_file, main, new_key
+from moxy import __version__, supervisor
+from moxy.cli import ensure_key_file, main, new_key, server_options
+from moxy.config import load_settings
+from moxy.errors import ConfigError
 from moxy.server import BoundedHttpToolsProtocol
 from moxy.signing import Signer
 from tests.assets import CAMO_KEY, KEY, OLD_KEY
@@ -52,13 +55,17 @@ def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
 
 @pytest.fixture
 def uvicorn_calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
-    """Replaces uvicorn.run: records its arguments instead of serving."""
+    """Replaces the supervisor: records what it was asked to run (the listening address, the worker count) with the
+    uvicorn configuration each of its workers would build, instead of serving."""
     calls: list[dict[str, Any]] = []
 
-    def fake_run(app: str, **kwargs: Any) -> None:
-        calls.append({"app": app, **kwargs})
+    def fake_supervise(*, command: list[str], preflight: Callable[[], object], **kwargs: Any) -> int:
+        preflight()  # what a reload runs: passes here, as the same checks passed at start
+        app = command[command.index("--app") + 1]
+        calls.append({**server_options(load_settings(), app), **kwargs, "command": command})
+        return 0
 
-    monkeypatch.setattr(uvicorn, "run", fake_run)
+    monkeypatch.setattr(supervisor, "supervise", fake_supervise)
     return calls
 
 
@@ -398,6 +405,33 @@ def test_serve_refuses_a_bound_that_would_refuse_every_client(
     line = one_line_error(run("serve", env={"MOXY_KEY": KEY, name: value}), 2)
     assert f"{name}:" in line
     assert uvicorn_calls == []
+
+
+def test_serve_runs_its_workers_as_fresh_interpreters(uvicorn_calls: list[dict[str, Any]]) -> None:
+    result = run("serve", env={"MOXY_KEY": KEY})
+    assert result.exit_code == 0, result.stderr
+    # `python -m moxy worker`: a reload starts workers on the code installed at the time of the SIGHUP.
+    assert uvicorn_calls[0]["command"] == [sys.executable, "-m", "moxy", "worker", "--app", "moxy.app:create_app"]
+    assert "worker" not in run("--help").stdout, "started by the supervisor only"
+
+
+def test_serve_checks_a_reload_as_it_checked_the_start(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    checks: list[Callable[[], object]] = []
+
+    def keep_preflight(*, preflight: Callable[[], object], **kwargs: Any) -> int:
+        checks.append(preflight)
+        return 0
+
+    monkeypatch.setattr(supervisor, "supervise", keep_preflight)
+    key_file = tmp_path / "moxy.key"
+    key_file.write_text(KEY)
+    monkeypatch.setenv("MOXY_KEY_FILE", str(key_file))
+    assert run("serve").exit_code == 0
+    key_file.write_text("short")  # the key file was edited, then SIGHUP: the supervisor runs the same checks again
+    with pytest.raises(ConfigError, match="MOXY_KEY_FILE"):
+        checks[0]()
+    key_file.write_text(f"{OLD_KEY},{KEY}")
+    checks[0]()
 
 
 def test_serve_init_key_creates_a_private_key_file(uvicorn_calls: list[dict[str, Any]], tmp_path: Path) -> None:
