@@ -63,9 +63,10 @@ VOLUME /var/cache/moxy
 EXPOSE 8080
 # `moxy health` reads MOXY_PORT like `moxy serve` does, so the check follows a changed port.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 CMD ["moxy", "health"]
-# On SIGTERM Moxy stops accepting, finishes what is in flight for up to 30 s (`moxy serve`), then exits 0.
-# Give it more than that before the engine's SIGKILL: `docker run --stop-timeout 40`, compose
-# `stop_grace_period: 40s`, Kubernetes `terminationGracePeriodSeconds: 40`.
+# On SIGTERM Moxy stops accepting, finishes what is in flight (up to 30 s, and 5 s more before a busy worker is
+# killed), then exits 0; SIGHUP is a rolling restart (docs/restarts.md). Give it more than that before the
+# engine's SIGKILL: `docker run --stop-timeout 40`, compose `stop_grace_period: 40s`, Kubernetes
+# `terminationGracePeriodSeconds: 45` (its 5 s preStop pause comes first).
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["moxy"]
 CMD ["serve"]

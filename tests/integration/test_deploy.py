@@ -25,6 +25,7 @@ import yaml
 
 from bench.report import RSS_ALLOWANCE_BYTES
 from moxy.config import Settings
+from moxy.supervisor import GRACE_SECONDS, KILL_MARGIN_SECONDS
 from tests.assets import PNG
 from tests.integration.cdn import require_nginx
 from tests.integration.moxy_server import MoxyServer
@@ -36,8 +37,9 @@ pytestmark = pytest.mark.integration
 StartMoxy = Callable[..., MoxyServer]
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
-# What `moxy serve` waits for in-flight requests on SIGTERM (moxy/cli.py, timeout_graceful_shutdown).
-DRAIN_SECONDS = 30
+# How long `moxy serve` may take to stop on SIGTERM: its workers' drain, then the supervisor's margin before it
+# kills a worker still busy (moxy/supervisor.py). A stop grace must be longer.
+DRAIN_SECONDS = GRACE_SECONDS + KILL_MARGIN_SECONDS
 SETTINGS = set(Settings.model_fields)
 MIB = 1024 * 1024
 
@@ -187,6 +189,8 @@ def test_systemd_unit_is_sandboxed_and_hangs_together() -> None:
         "NoNewPrivileges": "yes",
         "StateDirectory": "moxy",
         "KillSignal": "SIGTERM",
+        "KillMode": "mixed",  # the signal to the supervisor alone, which drains its workers
+        "ExecReload": "/bin/kill -HUP $MAINPID",  # a rolling restart
         "CapabilityBoundingSet": "",
     }.items():
         assert directives[name] == [value], name

@@ -22,6 +22,7 @@ import pytest
 
 from moxy import __version__
 from moxy.config import Settings
+from moxy.supervisor import GRACE_SECONDS, KILL_MARGIN_SECONDS
 from tests.assets import KEY
 from tests.net import free_port
 
@@ -30,8 +31,9 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
 LOCK = ROOT / "deploy" / "requirements.txt"
-# What `moxy serve` waits for in-flight requests on SIGTERM (moxy/cli.py, timeout_graceful_shutdown).
-DRAIN_SECONDS = 30
+# How long `moxy serve` may take to stop on SIGTERM: its workers' drain, then the supervisor's margin before it
+# kills a worker still busy (moxy/supervisor.py). A stop grace must be longer.
+DRAIN_SECONDS = GRACE_SECONDS + KILL_MARGIN_SECONDS
 
 
 @dataclass(frozen=True)
