@@ -86,8 +86,8 @@ def send_quietly(sock: socket.socket, data: bytes) -> bool:
 
 
 def worker_rss_kib(moxy: MoxyServer) -> int:
-    assert moxy.process is not None  # one worker: uvicorn serves in the `moxy serve` process itself
-    for line in Path(f"/proc/{moxy.process.pid}/status").read_text().splitlines():
+    # The worker, not the supervisor: the heads are read (and would pile up) where requests are served.
+    for line in Path(f"/proc/{moxy.worker_pid()}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError("no VmRSS")

@@ -221,15 +221,15 @@ def test_moxy_serves_a_large_cached_body_from_its_file_without_copying_it(
     body = b"\x89PNG\r\n\x1a\n" + os.urandom(4 * MiB)
     origin.route("/large.png", Reply(headers={"Content-Type": "image/png", "Cache-Control": "max-age=600"}, body=body))
     assert moxy.get(origin.url("/large.png")).content == body  # stored on disk
-    assert moxy.process is not None
+    worker = moxy.worker_pid()  # the process that serves, under `moxy serve`'s supervisor
     with socket.create_connection(("127.0.0.1", moxy.port), timeout=10) as sock:
         path = moxy.sign(origin.url("/large.png")).removeprefix(moxy.base_url)
         _request(sock, path)
         assert _read_answer(sock)[1] == body  # a disk hit; the file's checksum is now known to this worker
-        before = _syscalls(moxy.process.pid)
+        before = _syscalls(worker)
         _request(sock, path)
         assert _read_answer(sock)[1] == body
-        reads, writes = (after - earlier for after, earlier in zip(_syscalls(moxy.process.pid), before, strict=True))
+        reads, writes = (after - earlier for after, earlier in zip(_syscalls(worker), before, strict=True))
     # Copied through Python, a 4 MiB body takes 16 reads of the file and 64 socket writes per answer; sent from
     # its file by the kernel, a handful of calls (the head, a sendfile or two, the entry's metadata, the log).
     assert writes < 24, f"{writes} write calls for one 4 MiB answer"
