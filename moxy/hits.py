@@ -201,6 +201,17 @@ class Hits:
                 await send_body(send, found[1].body)
                 self.metrics.count_hit(time.perf_counter() - started)
                 if self.access_log:
-                    log_access("GET", scope["path"], 200, "HIT", None, None, None, entry.length, started)
+                    log_access(
+                        "GET",
+                        scope["path"],
+                        200,
+                        "HIT",
+                        None,
+                        None,
+                        None,
+                        entry.length,
+                        started,
+                        client=scope.get("client"),
+                    )
                 return
         await self.app(scope, receive, send)

@@ -284,7 +284,8 @@ def router(components: Components, *, on_hit: OnHit | None = None) -> ASGIApp:
         metrics.count_request(status, CacheResult.BYPASS.value, time.perf_counter() - started)
         if access_log:
             path = request.scope.get("path", "")
-            log_access(request.method, path, status, "BYPASS", None, None, None, len(body), started)
+            client = request.scope.get("client")
+            log_access(request.method, path, status, "BYPASS", None, None, None, len(body), started, client=client)
         return response
 
     framework = Starlette(routes=routes, exception_handlers={404: refused, 405: refused})

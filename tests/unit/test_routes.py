@@ -220,6 +220,18 @@ async def test_a_fault_of_moxys_own_code_is_a_json_500(rig: Rig, capsys: pytest.
     assert '"event":"internal-error"' in logged and "ZeroDivisionError" in logged
 
 
+async def test_access_lines_name_the_client(rig: Rig, capsys: pytest.CaptureFixture[str]) -> None:
+    logging = replace(rig.components, settings=rig.components.settings.model_copy(update={"access_log": True}))
+    rig.fetch.answers[URL] = png()
+    app = routes.router(logging)
+    transport = httpx.ASGITransport(app=app, client=("192.0.2.7", 40000))
+    async with httpx.AsyncClient(transport=transport, base_url=BASE) as client:
+        assert (await client.get(rig.sign())).status_code == 200
+        assert (await client.delete(rig.sign())).status_code == 405
+    lines = [orjson.loads(line) for line in capsys.readouterr().err.splitlines() if '"method"' in line]
+    assert [(line["status"], line["client"]) for line in lines] == [(200, "192.0.2.7"), (405, "192.0.2.7")]
+
+
 # -- purge -------------------------------------------------------------------------------------------------------
 
 
