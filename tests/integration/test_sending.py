@@ -230,7 +230,8 @@ def test_moxy_serves_a_large_cached_body_from_its_file_without_copying_it(
         _request(sock, path)
         assert _read_answer(sock)[1] == body
         reads, writes = (after - earlier for after, earlier in zip(_syscalls(worker), before, strict=True))
-    # Copied through Python, a 4 MiB body takes 16 reads of the file and 64 socket writes per answer; sent from
-    # its file by the kernel, a handful of calls (the head, a sendfile or two, the entry's metadata, the log).
-    assert writes < 24, f"{writes} write calls for one 4 MiB answer"
-    assert reads < 24, f"{reads} read calls for one 4 MiB answer"
+    # Copied through Python, a 4 MiB body takes 16 reads of the file and 64 socket writes: about 40 more writes
+    # than reads, all told. The kernel counts each sendfile call as one read and one write, however many calls a slow
+    # reader makes it take, so sent from its file the two counts stay within a few calls of each other (the head,
+    # the log line, the entry's metadata).
+    assert writes - reads < 16, f"{writes} write calls and {reads} read calls for one 4 MiB answer"
