@@ -5,10 +5,9 @@ close) still whole and in order."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-import pytest
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
@@ -20,13 +19,6 @@ LIMITS = ClientLimits(
     max_url_bytes=1024, max_header_bytes=2048, max_header_fields=10, head_timeout=60.0, max_connections=None
 )
 App = Callable[[Any, Any, Any], Any]
-
-
-@pytest.fixture
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    running = asyncio.new_event_loop()
-    yield running
-    running.close()
 
 
 def exchange(loop: asyncio.AbstractEventLoop, app: App, request: bytes) -> tuple[FakeTransport, list[Any]]:
