@@ -36,8 +36,10 @@ MAX_FIELD = 8190
 MAX_FIELDS = 128
 MAX_HEAD_BYTES = MAX_FIELDS * MAX_FIELD
 # Reading pauses while this much undelivered body sits in memory: a slow consumer (spooling to disk) holds the
-# upstream back through TCP instead of buffering its body here.
-BODY_HIGH_WATER = 512 * 1024
+# upstream back through TCP instead of buffering its body here. The aiohttp engine's point (twice its 64 KiB read
+# buffer): the kernel grows a socket's receive window by what the reader takes in one go, so a larger value lets a
+# body refused at the cap pull more from the upstream before the close lands.
+BODY_HIGH_WATER = 128 * 1024
 # The most one decoding step may produce, whatever the ratio of the coding (a decompression bomb yields bounded
 # pieces, so the fetcher's body cap stops it after a few of them): the aiohttp engine's per-step bound.
 DECODE_PIECE = 256 * 1024
@@ -46,14 +48,24 @@ DECODE_PIECE = 256 * 1024
 KEEPALIVE_SECONDS = 15.0
 DEFAULT_PORTS = {"http": 80, "https": 443}
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})  # RFC 9110 §9.2.2
-# The kernel's receive buffer of an upstream socket (SO_RCVBUF; Linux doubles it for its bookkeeping). Left alone it
-# autotunes up to net.ipv4.tcp_rmem's maximum (32 MiB on the CI machine), so a body refused at the body cap could
-# still pull that much more from the upstream, and hold it in kernel memory, before the close lands. 4 MiB keeps a
-# 100 ms link at about 40 MB/s per connection.
+# The kernel's receive buffer of an upstream socket. Left to autotuning, Linux grows it by how much the reader
+# drains at once, up to net.ipv4.tcp_rmem's maximum (32 MiB on the CI machine): a fast reader held up by a busy loop
+# drains a lot at once, and a body refused at the body cap then pulls tens of MiB more from the upstream, held in
+# kernel memory, before the close lands (tests/integration/test_hostile_upstream.py, the endless bodies). A fixed
+# 4 MiB still carries about 40 MB/s over a 100 ms link. Where the system would clamp it smaller (net.core.rmem_max),
+# autotuning is left on instead: a small fixed buffer would slow long links.
 RECEIVE_BUFFER = 4 * 1024 * 1024
 
 PoolKey = tuple[str, str, int, str, str | None]  # scheme, host, port, connected address, TLS server name
 HostKey = tuple[str, str, int]  # scheme, host, port: what limit_per_host counts
+
+
+def _receive_buffer() -> int | None:
+    """RECEIVE_BUFFER if the system grants it whole, else None (leave autotuning on)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+        granted = probe.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    return RECEIVE_BUFFER if granted >= RECEIVE_BUFFER else None
 
 
 class _Stop(Exception):
@@ -534,6 +546,7 @@ class H1Engine:
         self._limit = limit
         self._limit_per_host = limit_per_host
         self._ssl_context = ssl_context
+        self._receive_buffer = _receive_buffer()
         # The pool key holds the connected address and the TLS name too: a connection made for one hop's pin, or
         # verified for one name, is never handed to another.
         self._idle: dict[PoolKey, collections.deque[_Connection]] = {}
@@ -607,7 +620,14 @@ class H1Engine:
                 # Oldest first, as the aiohttp engine's pool does: the connection released last (whose server may
                 # be about to drop it) is the last one written to again.
                 connection = idle.popleft()
-                if not connection.closed and now - connection.idle_since < KEEPALIVE_SECONDS:
+                transport = connection.transport
+                # A transport already closing has seen the server's FIN; its connection_lost has not run yet.
+                if (
+                    not connection.closed
+                    and transport is not None
+                    and not transport.is_closing()
+                    and now - connection.idle_since < KEEPALIVE_SECONDS
+                ):
                     return connection
                 connection.close()
         return None
@@ -645,7 +665,9 @@ class H1Engine:
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)  # before connecting: sets the window scale
+        if self._receive_buffer is not None:
+            # Before connecting: the window scale offered in the SYN follows from it.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._receive_buffer)
         read_timeout = self._read_timeout
         try:
             async with asyncio.timeout(self._connect_timeout):

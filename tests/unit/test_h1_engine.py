@@ -193,6 +193,9 @@ class FakeTransport(asyncio.Transport):
             self.aborted = True
             asyncio.get_running_loop().call_soon(self.protocol.connection_lost, None)
 
+    def is_closing(self) -> bool:
+        return self.aborted
+
     def pause_reading(self) -> None:
         self.paused = True
 
@@ -546,3 +549,12 @@ def test_an_unknown_engine_name_is_refused(tmp_path: Path) -> None:
             spool_dir=tmp_path,
             engine_name="curl",
         )
+
+
+async def test_a_closing_idle_connection_is_not_reused() -> None:
+    engine, transports = make_engine(lambda connection: FakeTransport(connection, OK))
+    await fetch(engine)
+    transports[0].aborted = True  # the server's FIN was seen; connection_lost has not run yet
+    await fetch(engine)
+    assert len(transports) == 2
+    await engine.aclose()
