@@ -23,6 +23,7 @@ from moxy.errors import ConfigError
 from moxy.hits import HitMemo, Hits
 from moxy.policy import DestinationPolicy
 from moxy.proxy import Proxy
+from moxy.responses import SEND_SLICE
 from moxy.rules import Rules, parse_rules
 from moxy.signing import MIN_KEY_BYTES, Signer
 from moxy.telemetry import DiskReport, Metrics, measured, report_tiers
@@ -87,7 +88,15 @@ async def open_components(plan: Plan) -> routes.Components:
     await purges.refresh()
     memory = MemoryStorage(s.memory_cache_bytes, s.memory_max_entry_bytes) if s.memory_cache_bytes > 0 else None
     disk = (
-        DiskStorage(Path(s.cache_dir), s.disk_cache_bytes, watcher=DiskReport(metrics), fsync=s.disk_fsync)
+        DiskStorage(
+            Path(s.cache_dir),
+            s.disk_cache_bytes,
+            # A body the memory tier would keep is read whole, so a disk hit fills the memory tier above it;
+            # larger ones are handed over as open files, which the server sends without copying them.
+            inline_bytes=s.memory_max_entry_bytes if memory is not None else SEND_SLICE,
+            watcher=DiskReport(metrics),
+            fsync=s.disk_fsync,
+        )
         if s.disk_cache_bytes
         else None
     )

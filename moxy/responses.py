@@ -104,7 +104,7 @@ def error_answer(error: MoxyError, *, cache: str, head: bool = False, vary: str 
         # Which check refused (a private address, a denied name, a loopback spelling) would tell anyone who can
         # get URLs signed how internal names resolve; the access log keeps the detail, the client gets this.
         reason = REFUSED_REASON
-    body = b"" if head else orjson.dumps({"error": kind, "reason": reason})
+    body = orjson.dumps({"error": kind, "reason": reason})
     headers = list(_SECURITY_FIELDS)
     if status in (400, 403, 410, 500):
         # Errors the request caused (or a fault of Moxy's own) must never be cached for everyone.
@@ -116,8 +116,9 @@ def error_answer(error: MoxyError, *, cache: str, head: bool = False, vary: str 
             headers.append((b"vary", vary.encode("latin-1")))
     headers.append((b"x-moxy-cache", cache.encode("latin-1")))
     cache_status = f"moxy; fwd=uri-miss; detail={_sf_string(reason)}" if status >= 500 else "moxy"
+    # A HEAD answer carries the length the GET would have (RFC 9110 §9.3.2), without the body.
     headers += [(b"cache-status", cache_status.encode("latin-1")), content_length(len(body)), _JSON_TYPE]
-    return Answer(status, headers, body, 0, len(body) - 1)
+    return Answer(status, headers, b"", 0, -1) if head else Answer(status, headers, body, 0, len(body) - 1)
 
 
 def error_response(error: MoxyError, *, cache: str, head: bool = False, vary: str = "") -> Response:

@@ -280,6 +280,7 @@ def router(components: Components, *, on_hit: OnHit | None = None) -> ASGIApp:
             body = b'{"error":"MethodNotAllowed","reason":"Moxy answers GET and HEAD"}'
         else:
             status, body = 404, b'{"error":"NotFound","reason":"no such endpoint"}'
+        headers["content-length"] = str(len(body))  # a HEAD answer says the length the GET would have
         response = _json(b"" if request.method == "HEAD" else body, status, headers)
         metrics.count_request(status, CacheResult.BYPASS.value, time.perf_counter() - started)
         if access_log:

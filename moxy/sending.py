@@ -7,8 +7,9 @@ the head is held until the first body message and leaves with it.
 
 A body held in a file would otherwise reach the client through Python: read into a bytes object, handed to the
 transport in slices, copied again into the socket. For a 1 MiB cached image that copy loop is most of the cost of
-the answer. With the extension, the kernel moves the bytes from the page cache to the socket (`os.sendfile`), and
-the event loop only waits for the socket to take more. It is advertised in the scope of every request
+the answer. With the extension, the kernel moves the bytes from the page cache to the socket (`os.sendfile`, run
+in a worker thread, since the file's pages may first have to be read from the disk), and the event loop only waits
+for the socket to take more. It is advertised in the scope of every request
 (`scope["extensions"]`); an app that sees it may send
 `{"type": "http.response.zerocopysend", "file": fd, "offset": n, "count": n, "more_body": bool}` after
 `http.response.start` wherever it would have sent body bytes. The file descriptor stays the app's: it is never
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 __all__ = ["ZERO_COPY", "SendingCycle", "adopt"]
 
 ZERO_COPY = "http.response.zerocopysend"
-# os.sendfile moves at most this much per call, so one answer never holds the event loop for long even when the
+# os.sendfile moves at most this much per call, so one call never holds a worker thread for long even when the
 # socket could take everything at once.
 _SENDFILE_STEP = 4 * 1024 * 1024
 # Fallback copy (a TLS transport, or bytes still queued in the transport): read this much at a time.
@@ -61,7 +62,8 @@ class _JoinedWrite:
     def write(self, data: bytes) -> None:
         if self.head:
             data, self.head = self.head + data, b""
-        self.transport.write(data)
+        if not self.transport.is_closing():  # gone before the loop said so: there is nobody to write to
+            self.transport.write(data)
 
     def close(self) -> None:
         # uvicorn closes a connection that is not kept alive at the end of the answer: a head never joined to a
@@ -84,6 +86,10 @@ class SendingCycle(RequestResponseCycle):
     async def send(self, message: ASGISendEvent) -> None:
         event: Any = message
         kind = event["type"]
+        if not self.disconnected and self.transport.is_closing() and self.response_started:
+            # The client went away (a reset, or a half-close the protocol answers by closing) and the loop has not
+            # yet said so: writing now would raise on the closed transport. Nobody is left to answer.
+            self.disconnected = True
         if kind == "http.response.start" and not self.response_started:
             await self._hold_head(message)
             return
@@ -112,7 +118,7 @@ class SendingCycle(RequestResponseCycle):
             await super().send(message)
         finally:
             self.transport = real
-        if joined.head and not self.disconnected:
+        if joined.head and not self.disconnected and not real.is_closing():
             real.write(joined.head)  # nothing was written with it (HEAD, an empty body): the head goes alone
 
     async def _hold_head(self, message: ASGISendEvent) -> None:
@@ -127,7 +133,8 @@ class SendingCycle(RequestResponseCycle):
     def _release_head(self) -> None:
         if self.held_head:
             head, self.held_head = self.held_head, b""
-            self.transport.write(head)
+            if not self.transport.is_closing():
+                self.transport.write(head)
 
     async def _transfer(self, fd: int, offset: int, count: int) -> bool:
         """Send `count` bytes of `fd` from `offset`; False when the connection was lost or cut on the way."""
@@ -137,44 +144,49 @@ class SendingCycle(RequestResponseCycle):
         if self.transport.get_write_buffer_size():
             # Bytes the transport still holds (the head, usually) must reach the socket before the file's do.
             return await self._copy(fd, offset, count)
-        out = sock.fileno()
+        try:
+            # A descriptor of our own for the socket: the sending thread may still use it after the loop has
+            # closed the transport's (a client that reset), and a number the loop has closed can be reused by
+            # anything opened next. It is also what the loop watches for room (it refuses a second watcher on the
+            # transport's own descriptor).
+            out = os.dup(sock.fileno())
+        except OSError:
+            # Out of descriptors (many stalled clients at once): the copying way needs none.
+            return await self._copy(fd, offset, count)
         end = offset + count
-        watched: int | None = None
         loop = asyncio.get_running_loop()
         try:
             while offset < end:
                 if self.disconnected:
                     return False
                 try:
-                    sent = os.sendfile(out, fd, offset, min(end - offset, _SENDFILE_STEP))
+                    # In a worker thread: the file's pages may have to come from the disk first, and the loop must
+                    # never wait for a disk. The socket is non-blocking, so the call returns as soon as its buffer
+                    # is full; the bytes go from the page cache to the socket without Python copying them.
+                    sent = await asyncio.to_thread(os.sendfile, out, fd, offset, min(end - offset, _SENDFILE_STEP))
                 except BlockingIOError:
                     sent = None
                 except OSError:
-                    self.transport.abort()  # the peer reset or went away mid-body
+                    self._cut()  # the peer reset or went away mid-body
                     return False
                 if sent == 0:
                     # The file is shorter than promised: the client must see a cut answer, never a padded one.
-                    self.transport.abort()
+                    self._cut()
                     return False
                 if sent is not None:
                     offset += sent
-                    continue
-                if watched is None:
-                    # The transport owns the socket's descriptor and the loop refuses a second watcher on it; a
-                    # duplicate names the same socket under another number.
-                    try:
-                        watched = os.dup(out)
-                    except OSError:
-                        # Out of descriptors (many stalled clients at once): the rest goes the copying way, which
-                        # needs none, rather than failing an answer already under way.
-                        return await self._copy(fd, offset, end - offset)
-                if not await self._writable(loop, watched):
-                    self.transport.abort()  # the client took nothing for stall_seconds
+                elif not await self._writable(loop, out):
+                    self._cut()  # the client took nothing for stall_seconds
                     return False
             return True
         finally:
-            if watched is not None:
-                os.close(watched)
+            os.close(out)
+
+    def _cut(self) -> None:
+        """End the connection mid-answer. Marked as gone at once, so the answer's end is not reported as an app
+        that stopped half-way (the client left, or was given up on: nothing went wrong in Moxy)."""
+        self.disconnected = True
+        self.transport.abort()
 
     async def _writable(self, loop: asyncio.AbstractEventLoop, fd: int) -> bool:
         ready: asyncio.Future[None] = loop.create_future()
@@ -199,7 +211,7 @@ class SendingCycle(RequestResponseCycle):
                 return False
             chunk = await asyncio.to_thread(os.pread, fd, min(_COPY_STEP, end - offset), offset)
             if not chunk:
-                self.transport.abort()
+                self._cut()
                 return False
             offset += len(chunk)
             self.transport.write(chunk)

@@ -101,6 +101,11 @@ def _read_all(fd: int, size: int, offset: int = 0) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+# Bodies read whole on the event loop are at most this large (reading and, the first time, hashing one costs tens
+# of microseconds); larger ones are read in a thread.
+_LOOP_READ_BYTES = 64 * 1024
+
+
 class _WouldBlock(Exception):
     """A read on the event loop found bytes that are not in the page cache: the lookup moves to a thread."""
 
@@ -386,6 +391,8 @@ class DiskStorage:
                     raise _WouldBlock
                 ok, data = False, None
             elif entry.length <= self.inline_bytes:
+                if on_loop and entry.length > _LOOP_READ_BYTES:
+                    raise _WouldBlock  # copying (and, the first time, hashing) it would hold the loop: a thread's work
                 data = _read_cached(fd, entry.length) if on_loop else _read_all(fd, entry.length)
                 ok = known or (len(data) == entry.length and hashlib.sha256(data).hexdigest() == entry.digest)
             else:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import logging
 import os
 import socket
 import threading
@@ -84,6 +85,21 @@ def served_file(tmp_path: Path) -> Iterator[tuple[int, bytes, FileApp]]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+@pytest.fixture
+def server_errors() -> Iterator[list[logging.LogRecord]]:
+    """The error records of the in-process server (its logger does not propagate to the root logger)."""
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler, logger = Keep(level=logging.ERROR), logging.getLogger("uvicorn.error")
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)
 
 
 def _request(sock: socket.socket, target: str, method: str = "GET") -> None:
@@ -184,7 +200,7 @@ def test_a_file_shorter_than_promised_cuts_the_answer_never_pads_it(served_file:
 
 
 def test_a_client_that_stops_reading_is_dropped_after_the_stall_bound(
-    served_file: tuple[int, bytes, FileApp], monkeypatch: pytest.MonkeyPatch
+    served_file: tuple[int, bytes, FileApp], monkeypatch: pytest.MonkeyPatch, server_errors: list[logging.LogRecord]
 ) -> None:
     port, data, app = served_file
     monkeypatch.setattr(moxy_server_module, "WRITE_STALL_SECONDS", 0.5)
@@ -194,9 +210,12 @@ def test_a_client_that_stops_reading_is_dropped_after_the_stall_bound(
     with _connect(port) as other:  # and the server goes on serving
         _request(other, "/file?count=5")
         assert _read_answer(other)[1] == data[:5]
+    assert not server_errors, "a client given up on is no error of the server's"
 
 
-def test_a_client_that_leaves_mid_body_ends_the_answer(served_file: tuple[int, bytes, FileApp]) -> None:
+def test_a_client_that_leaves_mid_body_ends_the_answer(
+    served_file: tuple[int, bytes, FileApp], server_errors: list[logging.LogRecord]
+) -> None:
     port, data, app = served_file
     sock = _connect(port, receive_buffer=4096)
     _request(sock, f"/file?count={len(data)}")
@@ -207,6 +226,7 @@ def test_a_client_that_leaves_mid_body_ends_the_answer(served_file: tuple[int, b
     with _connect(port) as other:
         _request(other, "/file?count=5")
         assert _read_answer(other)[1] == data[:5]
+    assert not server_errors, "a client that left is no error of the server's"
 
 
 def _syscalls(pid: int) -> tuple[int, int]:

@@ -43,3 +43,42 @@ async def test_a_bug_in_the_flow_is_a_json_500_with_the_security_headers(
     logged = capsys.readouterr().err
     assert '"event":"internal-error"' in logged and "OverflowError" in logged
     assert '"status":500' in logged  # the access log has it too
+
+
+@pytest.mark.parametrize(
+    ("memory_bytes", "max_entry", "body_size", "promoted"),
+    [
+        (64 * 1024 * 1024, 2 * 1024 * 1024, 900 * 1024, True),  # the memory tier keeps it: read whole, moved up
+        (64 * 1024 * 1024, 512 * 1024, 900 * 1024, False),  # too large for it: sent from its file
+        (0, 2 * 1024 * 1024, 900 * 1024, False),  # no memory tier
+    ],
+)
+async def test_a_disk_hit_the_memory_tier_would_keep_is_moved_up(
+    tmp_path: Path, memory_bytes: int, max_entry: int, body_size: int, promoted: bool
+) -> None:
+    from moxy.app import Plan, open_components
+    from moxy.cache import BodyFile
+    from tests.entries import make_entry
+
+    settings = Settings(
+        key=SecretStr(KEY),
+        cache_dir=tmp_path / "cache",
+        memory_cache_bytes=memory_bytes,
+        memory_max_entry_bytes=max_entry,
+    )
+    components = await open_components(Plan.of(settings))
+    try:
+        tiers = components.tiers
+        assert tiers.disk is not None
+        stored = make_entry("https://images.example/big.png", b"\x89PNG" + bytes(body_size), lifetime=600.0)
+        await tiers.disk.put(stored)  # on disk only, as after a restart or when another worker fetched it
+        found = await tiers.storage.get(stored.key)
+        assert found is not None
+        assert isinstance(found.body, bytes) is promoted
+        assert isinstance(found.body, BodyFile) is not promoted
+        if tiers.memory is not None:
+            assert (await tiers.memory.get(stored.key) is not None) is promoted
+    finally:
+        await components.proxy.aclose()
+        await components.upstream.aclose()
+        await components.tiers.storage.aclose()

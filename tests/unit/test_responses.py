@@ -247,6 +247,17 @@ def test_upstream_errors_name_the_variant_they_were_fetched_for() -> None:
     assert "vary" not in error_response(BadSignature("bad"), cache="BYPASS", vary="Accept").headers
 
 
+def test_a_head_error_says_the_length_the_get_would_have() -> None:
+    from moxy.errors import BadSignature, UpstreamError
+
+    for error in (BadSignature("bad"), UpstreamError("upstream-status-500")):
+        get = error_response(error, cache="MISS")
+        head = error_response(error, cache="MISS", head=True)
+        assert head.body == b"" and get.body
+        assert head.headers["content-length"] == get.headers["content-length"] == str(len(get.body))
+        assert dict(head.headers) == dict(get.headers)
+
+
 # -- on the wire -----------------------------------------------------------------------------------------------------
 
 

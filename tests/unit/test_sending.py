@@ -5,9 +5,11 @@ close) still whole and in order."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
@@ -99,3 +101,37 @@ def test_the_cycle_is_moxys_for_every_request(loop: asyncio.AbstractEventLoop) -
 
     exchange(loop, app, GET + GET)  # two pipelined requests on one connection
     assert kinds == [SendingCycle, SendingCycle]
+
+
+class ClosingTransport(FakeTransport):
+    """Like the event loop's transports: writing once closed raises."""
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self.closed:
+            raise RuntimeError("unable to perform operation on a closed transport")
+        super().write(data)
+
+
+def test_a_client_gone_before_the_loop_said_so_is_not_written_to(
+    loop: asyncio.AbstractEventLoop, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A reset or a half-close: the transport is closed at once, the protocol hears of it a moment later.
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        transport.close()
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    config = Config(app=app, lifespan="off", log_level="critical")
+    protocol = BoundedHttpToolsProtocol(config, ServerState(), {}, _loop=loop, limits=LIMITS)
+    transport = ClosingTransport()
+    protocol.connection_made(transport)
+    with caplog.at_level("ERROR", logger="uvicorn.error"):
+        logger = logging.getLogger("uvicorn.error")  # it does not propagate to the root logger caplog listens on
+        logger.addHandler(caplog.handler)
+        try:
+            protocol.data_received(GET)
+            loop.run_until_complete(asyncio.sleep(0.01))
+        finally:
+            logger.removeHandler(caplog.handler)
+    assert transport.written == b""
+    assert not [record for record in caplog.records if record.levelname == "ERROR"], caplog.text
