@@ -97,8 +97,8 @@ class Settings(BaseSettings):
     # Consecutive transport failures that open a host's circuit breaker, and how long it stays open.
     upstream_breaker_failures: int = Field(default=5, ge=1)
     upstream_breaker_cooldown: float = Field(default=10.0, gt=0)
-    # The HTTP client under the fetcher (moxy.upstream.ENGINES): h1 (httptools, half the CPU per miss), or aiohttp.
-    upstream_engine: Literal["aiohttp", "h1"] = "h1"
+    # The HTTP client under the fetcher (moxy.upstream.ENGINES): aiohttp, or h1 (httptools, half the CPU per miss).
+    upstream_engine: Literal["aiohttp", "h1"] = "aiohttp"
 
     # -- cache
     cache_dir: Path = Path("var/cache")

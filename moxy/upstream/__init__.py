@@ -1,6 +1,6 @@
 """The upstream fetcher: redirects, the destination policy on every hop, header hygiene and the body size cap,
-over an HTTP engine it is given. Imports no HTTP library itself; the built-in engines are `moxy.upstream.h1` (the
-default) and `moxy.upstream.aiohttp`.
+over an HTTP engine it is given. Imports no HTTP library itself; the built-in engines are `moxy.upstream.aiohttp` (the
+default) and `moxy.upstream.h1`.
 
 Every hop of a fetch (the first URL and each redirect) passes the destination policy, is resolved by the injected
 resolver, and is handed to the engine with exactly the addresses the policy accepted: no DNS lookup happens after
@@ -175,11 +175,12 @@ class Engine(Protocol):
     async def aclose(self) -> None: ...
 
 
-# The built-in engines, by the name MOXY_UPSTREAM_ENGINE gives: `h1` (moxy/upstream/h1.py, HTTP/1.1 on httptools)
-# and `aiohttp` (moxy/upstream/aiohttp.py). h1 is the default: it passes the same tests (tests/integration/engines.py)
-# at about half the fetcher's CPU per request and a third of the engine's own (bench/upstream_client.py).
+# The built-in engines, by the name MOXY_UPSTREAM_ENGINE gives: `aiohttp` (moxy/upstream/aiohttp.py) and `h1`
+# (moxy/upstream/h1.py, HTTP/1.1 on httptools: about half the fetcher's CPU per request and a third of the engine's
+# own, bench/upstream_client.py). Both run the same wire tests (tests/integration/engines.py); aiohttp stays the
+# default until h1 also keeps the bound on what an endless body pulls past the cap under load (test_hostile_upstream).
 ENGINES: dict[str, type[AiohttpEngine] | type[H1Engine]] = {"aiohttp": AiohttpEngine, "h1": H1Engine}
-DEFAULT_ENGINE = "h1"
+DEFAULT_ENGINE = "aiohttp"
 
 
 # -- headers ---------------------------------------------------------------------------------------------------------
