@@ -53,13 +53,18 @@ def main() -> None:
 
 @main.command()
 @click.argument("url")
-@click.option("--expires", type=click.IntRange(min=1), help="Seconds until the signed URL expires.")
+@click.option(
+    "--expires",
+    type=click.IntRange(min=1),
+    help="Seconds the signed URL stays valid at least (rounded up to a shared bucket; see --exact).",
+)
+@click.option("--exact", is_flag=True, help="Expire exactly --expires seconds from now, not at the bucket's end.")
 @click.option("--base-url", help="Public base URL of Moxy [MOXY_BASE_URL].")
-def sign(url: str, expires: int | None, base_url: str | None) -> None:
+def sign(url: str, expires: int | None, exact: bool, base_url: str | None) -> None:
     """Print the signed Moxy URL for URL."""
     signer = _signer(_settings(base_url=base_url))
     try:
-        click.echo(signer.sign(url, expires_in=expires))
+        click.echo(signer.sign(url, expires_in=expires, exact=exact))
     except ValueError as exc:  # UnsignableURL, or an expiry past what a Moxy URL can carry
         _fail(f"cannot sign {url!r}: {exc}", 1)
 

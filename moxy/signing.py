@@ -8,6 +8,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import math
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -16,7 +17,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from moxy.errors import BadSignature, ConfigError, ExpiredURL, MalformedURL, UnsignableURL
 
-__all__ = ["MIN_KEY_BYTES", "Signer", "VerifiedURL", "check_signable", "sign_url"]
+__all__ = ["MIN_KEY_BYTES", "Signer", "VerifiedURL", "check_signable", "expiry_bucket", "sign_url"]
 
 MIN_KEY_BYTES = 16
 NATIVE_DIGEST_LENGTH = 43  # base64url of 32 bytes, unpadded
@@ -104,6 +105,16 @@ class VerifiedURL:
     form: str  # "native", "camo-hex-path", "camo-hex-query" or "camo-base64"
 
 
+# The shortest bucket an expiry is rounded up to: a minute of shared URLs costs a link at most a minute more life.
+MIN_EXPIRY_BUCKET = 60
+
+
+def expiry_bucket(expires_in: float) -> int:
+    """The step (seconds) an expiry `expires_in` from now is rounded up to: a tenth of the lifetime, at least a
+    minute. A link then lives between `expires_in` and 1.1 x `expires_in` (plus under a minute for short ones)."""
+    return max(MIN_EXPIRY_BUCKET, int(expires_in) // 10)
+
+
 class Signer:
     """Signs upstream URLs into Moxy URLs and verifies them back.
 
@@ -145,12 +156,24 @@ class Signer:
 
     # -- signing ---------------------------------------------------------------
 
-    def sign(self, url: str, expires_in: float | None = None, *, expires_at: int | None = None) -> str:
-        """The Moxy URL for `url`; with `expires_in` seconds (or an absolute `expires_at`) it expires."""
+    def sign(
+        self, url: str, expires_in: float | None = None, *, expires_at: int | None = None, exact: bool = False
+    ) -> str:
+        """The Moxy URL for `url`; with `expires_in` seconds (or an absolute `expires_at`) it expires.
+
+        `expires_in` means "valid for at least that long": the expiry is rounded up to a multiple of
+        `expiry_bucket(expires_in)`, so every URL signed for one upstream URL within a bucket is the same string,
+        which a CDN or a browser can cache (an expiry that moved every second would make every page a new URL).
+        `exact=True` keeps now + `expires_in` to the second."""
         if expires_in is not None:
             if expires_at is not None:
                 raise ValueError("give expires_in or expires_at, not both")
-            expires_at = int(self._clock() + expires_in)
+            due = self._clock() + expires_in
+            if exact or expires_in <= 0:  # a moment already past is no lifetime to round up
+                expires_at = int(due)
+            else:
+                bucket = expiry_bucket(expires_in)
+                expires_at = math.ceil(due / bucket) * bucket
         return sign_url(url, self._keys[0], self.base_url, expires_at=expires_at)
 
     # -- verification ----------------------------------------------------------

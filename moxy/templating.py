@@ -60,12 +60,14 @@ def _url_text(value: object) -> str:
 
 
 def _make_signing_function(signer: Signer, on_error: OnError | None) -> Callable[..., str]:
-    def moxy(value: object, expires: float | None = None) -> str:
-        """The signed Moxy URL for `value`; with `expires` (seconds) it expires that long after rendering."""
+    def moxy(value: object, expires: float | None = None, exact: bool = False) -> str:
+        """The signed Moxy URL for `value`; with `expires` (seconds) it stays valid at least that long after
+        rendering, its expiry rounded up to a bucket so pages rendered meanwhile share one cacheable URL
+        (`exact=True`: expires exactly `expires` seconds after rendering)."""
         seconds = _check_expires(expires)
         try:
             url = _url_text(value)
-            return signer.sign(url, expires_in=seconds)
+            return signer.sign(url, expires_in=seconds, exact=bool(exact))
         except UnsignableURL as exc:
             if on_error is not None:
                 return on_error(value, exc)
@@ -82,7 +84,8 @@ def setup_jinja2(
 ) -> None:
     """Add the `moxy` filter and the `moxy_url` global to `env`.
 
-    `{{ url | moxy }}`, `{{ url | moxy(expires=3600) }}`, `{{ moxy_url(url) }}`, `{{ moxy_url(url, expires=60) }}`.
+    `{{ url | moxy }}`, `{{ url | moxy(expires=3600) }}`, `{{ moxy_url(url) }}`, `{{ moxy_url(url, expires=60) }}`,
+    `{{ url | moxy(expires=3600, exact=true) }}` (see Signer.sign for the rounding of expiries).
     Without `signer`, one is built from the MOXY_* settings now (`Signer.from_env()`), so a missing or short
     key stops the application at start-up with ConfigError rather than on the first page view.
 

@@ -19,7 +19,7 @@ from hypothesis import example, given, settings, strategies as st
 
 from moxy.cli import main as moxy_command
 from moxy.errors import BadSignature, ConfigError, ExpiredURL, MalformedURL, UnsignableURL, VerificationError
-from moxy.signing import Signer, VerifiedURL, check_signable, sign_url
+from moxy.signing import Signer, VerifiedURL, check_signable, expiry_bucket, sign_url
 from tests.assets import CAMO_KEY, KEY, OLD_KEY
 
 BASE = "https://cdn.example.com"
@@ -98,7 +98,7 @@ def test_pinned_vector() -> None:
         "https://cdn.example.com/wtMANmHj67Y99xRSgGiL5-KSB4im0ub_kDF5HUm1bvM"
         "/aHR0cHM6Ly9leGFtcGxlLmNvbS9waWMucG5n?e=1700000060"
     )
-    assert fixed_clock(NOW).sign(url, expires_in=60) == expiring
+    assert fixed_clock(NOW).sign(url, expires_in=60, exact=True) == expiring
 
 
 @pytest.mark.parametrize("url", URLS)
@@ -114,7 +114,7 @@ def test_sign_matches_reference(url: str) -> None:
 @pytest.mark.parametrize("url", URLS)
 @pytest.mark.parametrize("expires_in", [1, 3600, 86400 * 365])
 def test_sign_with_expiry_matches_reference(url: str, expires_in: int) -> None:
-    signed = fixed_clock(NOW).sign(url, expires_in=expires_in)
+    signed = fixed_clock(NOW).sign(url, expires_in=expires_in, exact=True)
     assert signed == reference_sign(url, KEY, BASE, exp=NOW + expires_in)
     assert signed.endswith(f"?e={NOW + expires_in}")
 
@@ -125,8 +125,41 @@ def test_sign_with_absolute_expiry() -> None:
     assert sign_url(url, KEY, BASE, expires_at=NOW + 5) == reference_sign(url, KEY, BASE, exp=NOW + 5)
 
 
+@pytest.mark.parametrize("expires_in", [1, 59, 60, 600, 3600, 86400, 30 * 86400])
+def test_an_expiry_is_rounded_up_to_its_bucket(expires_in: int) -> None:
+    url = "https://example.com/pic.png"
+    bucket = expiry_bucket(expires_in)
+    assert bucket == max(60, expires_in // 10)
+    signed = fixed_clock(NOW).sign(url, expires_in=expires_in)
+    exp = int(signed.rpartition("?e=")[2])
+    assert exp % bucket == 0
+    assert NOW + expires_in <= exp < NOW + expires_in + bucket  # valid at least as long as asked, at most a bucket more
+    assert signed == reference_sign(url, KEY, BASE, exp=exp)
+
+
+def signer_at(moment: float) -> Signer:
+    return Signer([KEY], BASE, clock=lambda: moment)
+
+
+def test_pages_rendered_within_one_bucket_share_one_url() -> None:
+    url = "https://example.com/pic.png"
+    # An hour's expiry is rounded up to 360 s: signing times in (edge - 360, edge] give the same URL.
+    edge = (NOW // 360 + 20) * 360 - 3600
+    urls = {signer_at(moment).sign(url, expires_in=3600) for moment in range(edge - 359, edge + 1, 7)}
+    assert len(urls) == 1, "a CDN or browser can cache what does not change"
+    later = signer_at(edge + 1).sign(url, expires_in=3600)
+    assert later not in urls  # the next bucket: a new URL, valid an hour from then
+    exact = {signer_at(moment).sign(url, expires_in=3600, exact=True) for moment in (edge - 7, edge)}
+    assert len(exact) == 2
+
+
+def test_an_expiry_already_past_is_kept_as_given() -> None:
+    # Nothing to round up: an already expired link (an operator's test of the 410) must stay expired.
+    assert fixed_clock(NOW).sign("https://example.com/", expires_in=-5).endswith(f"?e={NOW - 5}")
+
+
 def test_fractional_clock_truncates_expiry() -> None:
-    signed = Signer([KEY], BASE, clock=lambda: NOW + 0.9).sign("https://example.com/", expires_in=10)
+    signed = Signer([KEY], BASE, clock=lambda: NOW + 0.9).sign("https://example.com/", expires_in=10, exact=True)
     assert signed.endswith(f"?e={NOW + 10}")
 
 
@@ -301,8 +334,11 @@ def test_from_env_without_key_is_a_config_error() -> None:
 def test_verify_round_trips(url: str) -> None:
     signer = fixed_clock(NOW)
     assert signer.verify(signer.sign(url)) == url
-    full = signer.verify_full(signer.sign(url, expires_in=60))
+    full = signer.verify_full(signer.sign(url, expires_in=60, exact=True))
     assert full == VerifiedURL(url, NOW + 60, "native")
+    rounded = signer.verify_full(signer.sign(url, expires_in=60))
+    assert rounded.url == url and rounded.expires_at is not None
+    assert rounded.expires_at % 60 == 0 and NOW + 60 <= rounded.expires_at < NOW + 120
 
 
 def test_verify_accepts_a_bare_path_and_a_trailing_slash() -> None:

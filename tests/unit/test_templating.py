@@ -135,8 +135,9 @@ def test_expiring_url_matches_the_cli(url: str, template: str) -> None:
     match = re.fullmatch(r".*\?e=(\d+)", expected)
     assert match is not None
     expires_at = int(match.group(1))
-    # The CLI read the real clock; a signer whose clock stood at that moment must render the same bytes.
-    signer = Signer([KEY], BASE, clock=lambda: expires_at - 3600 + 0.75)
+    # The CLI read the real clock and rounded the expiry up to its bucket (360 s for an hour); a signer whose clock
+    # stood anywhere in that bucket renders the same bytes.
+    signer = Signer([KEY], BASE, clock=lambda: expires_at - 3600 - 200.25)
 
     html = environment(signer).from_string(template).render(url=url)
 
@@ -155,11 +156,16 @@ def test_expiring_url_matches_the_cli(url: str, template: str) -> None:
 )
 @pytest.mark.parametrize("url", URLS)
 def test_expiring_url_with_fixed_clock(url: str, expires: float, expires_at: int) -> None:
+    # exact=true: the expiry to the second, as given; the default rounding is tested below.
     env = environment(Signer([KEY], BASE, clock=lambda: NOW))
     expected = independent_sign(url, KEY, BASE, expires_at)
 
-    by_filter = env.from_string('<img src="{{ url | moxy(expires=expires) }}">').render(url=url, expires=expires)
-    by_global = env.from_string('<img src="{{ moxy_url(url, expires=expires) }}">').render(url=url, expires=expires)
+    by_filter = env.from_string('<img src="{{ url | moxy(expires=expires, exact=true) }}">').render(
+        url=url, expires=expires
+    )
+    by_global = env.from_string('<img src="{{ moxy_url(url, expires=expires, exact=true) }}">').render(
+        url=url, expires=expires
+    )
 
     assert sources(by_filter) == [expected]
     assert sources(by_global) == [expected]
@@ -172,6 +178,18 @@ def test_no_expiry_when_expires_is_none() -> None:
 
 
 # -- Starlette ----------------------------------------------------------------------------------------------------
+
+
+def test_two_renders_a_few_seconds_apart_give_one_cacheable_url() -> None:
+    template = '<img src="{{ url | moxy(expires=3600) }}">'
+    url = URL_CASES["ascii"]
+    first = environment(Signer([KEY], BASE, clock=lambda: NOW)).from_string(template).render(url=url)
+    again = environment(Signer([KEY], BASE, clock=lambda: NOW + 5)).from_string(template).render(url=url)
+    assert first == again
+    signed = sources(first)[0]
+    assert signed is not None
+    expires_at = int(signed.rpartition("?e=")[2])
+    assert expires_at % 360 == 0 and NOW + 3600 <= expires_at < NOW + 3600 + 360
 
 
 @pytest.mark.anyio
@@ -198,7 +216,7 @@ async def test_starlette_jinja2templates(tmp_path: Path) -> None:
     assert response.status_code == 200
     assert "<p>&lt;b&gt;</p>" in response.text  # autoescaping is on, so the byte-for-byte check below means something
     expected = [signed for url in urls for signed in [cli_sign(url)] * 2]
-    expected.append(independent_sign(urls[0], KEY, BASE, int(NOW) + 60))
+    expected.append(independent_sign(urls[0], KEY, BASE, 1_700_000_100))  # NOW + 60 rounded up to the minute
     assert sources(response.text) == expected
 
 
