@@ -320,6 +320,9 @@ def start_moxy(
     if disk_cache_bytes is not None:
         env["MOXY_DISK_CACHE_BYTES"] = str(disk_cache_bytes)
     env["MOXY_DISK_FSYNC"] = "true" if disk_fsync else "false"
+    engine = os.environ.get("BENCH_UPSTREAM_ENGINE", "").strip()
+    if engine:  # Moxy's default engine unless the run asks for another (moxy.upstream.ENGINES)
+        env["MOXY_UPSTREAM_ENGINE"] = engine
     if server == "uvicorn":
         command = [sys.executable, "-m", "moxy", "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     elif server == "granian" and (granian := granian_binary()) is not None:
