@@ -68,9 +68,9 @@ class _JoinedWrite:
     def close(self) -> None:
         # uvicorn closes a connection that is not kept alive at the end of the answer: a head never joined to a
         # body (HEAD, an empty body) must still leave first.
-        if self.head:
+        if self.head and not self.transport.is_closing():
             self.transport.write(self.head)
-            self.head = b""
+        self.head = b""
         self.transport.close()
 
     def __getattr__(self, name: str) -> Any:
