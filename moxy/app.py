@@ -44,11 +44,12 @@ class Plan:
     freshness: FreshnessRules
 
     @classmethod
-    def of(cls, settings: Settings) -> Plan:
+    def of(cls, settings: Settings, *, quiet: bool = False) -> Plan:
+        """The plan; `quiet`: without the start-up warnings (a check run before the workers, which warn)."""
         s = settings
         # Legacy camo keys are often short: accepted (published URLs must keep working), never silently.
         for position, key in enumerate(s.camo_keys(), start=1):
-            if len(key.encode("utf-8")) < MIN_KEY_BYTES:
+            if len(key.encode("utf-8")) < MIN_KEY_BYTES and not quiet:
                 sys.stderr.write(
                     f"moxy: warning: MOXY_CAMO_KEY key {position} is shorter than {MIN_KEY_BYTES} bytes; accepted "
                     "for camo compatibility only (verification), plan to re-sign with MOXY_KEY\n"

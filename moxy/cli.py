@@ -93,8 +93,16 @@ def keygen() -> None:
 
 
 @main.command("config")
-def show_config() -> None:
-    """Print the effective configuration, secrets masked."""
+@click.option("--check", is_flag=True, help="Run the checks `moxy serve` runs before it starts, and say if they pass.")
+def show_config(check: bool) -> None:
+    """Print the effective configuration, secrets masked; with --check, exit 2 naming what would stop `serve`."""
+    if check:
+        try:
+            _preflight({})
+        except ConfigError as exc:
+            _fail(str(exc), 2)
+        click.echo("configuration ok")
+        return
     for name, value in _settings().masked().items():
         click.echo(f"{name}={'' if value is None else value}")
 
@@ -148,7 +156,10 @@ def serve(
             click.echo(f"moxy: generated a new key in {settings.key_file}", err=True)
     signer = _signer(settings)  # a missing or short key stops start-up here, with one line
     try:
-        settings.check()  # the checks that touch the world (files it must read), before the banner
+        # Everything a worker would trip over, before the banner: the files it must read, the rules and custom
+        # validators it loads, the cache folder and tiers, then the address it listens on.
+        _preflight(flags)
+        listening = supervisor.listen(settings.host, settings.port, fd)
     except ConfigError as exc:
         _fail(str(exc), 2)
     _print_welcome(settings, signer, fd)
@@ -160,9 +171,7 @@ def serve(
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_fresh_metrics_dir(settings.cache_dir))
     try:
         code = supervisor.supervise(
-            host=settings.host,
-            port=settings.port,
-            fd=fd,
+            listening=listening,
             workers=settings.workers,
             # Each worker is a fresh interpreter, so a reload runs the code installed at the time of the SIGHUP.
             command=[sys.executable, "-m", "moxy", "worker", "--app", app_factory],
@@ -176,9 +185,11 @@ def serve(
 def _preflight(flags: dict[str, Any]) -> Settings:
     """What `serve` checks before its workers start, again before a reload replaces them: the settings (re-read
     from the environment and the files they name), the key ring, and `Settings.check()`. Raises ConfigError."""
+    from moxy.app import Plan
+
     settings = load_settings(**flags)
-    Signer(settings.signing_keys(), settings.base_url, camo_keys=settings.camo_keys())
     settings.check()
+    Plan.of(settings, quiet=True)  # the key ring, rules file and custom validators, as each worker builds them
     return settings
 
 

@@ -6,11 +6,14 @@ first-start key are made by the composition roots (`app.create_app`, `cli serve`
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import os
 import ssl
+import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BeforeValidator, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -192,6 +195,41 @@ class Settings(BaseSettings):
     def check(self) -> None:
         """The checks that touch the world, run before serving; each failure is a ConfigError naming its setting."""
         self._check_upstream_ca_file()
+        self._check_tiers()
+        self._check_redis_url()
+        self._check_cache_dir()
+
+    def _check_tiers(self) -> None:
+        if self.memory_cache_bytes == 0 and self.disk_cache_bytes == 0 and self.redis_url is None:
+            raise ConfigError(
+                "MOXY_MEMORY_CACHE_BYTES",
+                "0, and MOXY_DISK_CACHE_BYTES is 0 with no MOXY_REDIS_URL: Moxy needs at least one cache tier",
+            )
+
+    def _check_redis_url(self) -> None:
+        if self.redis_url is None:
+            return
+        url = self.redis_url.get_secret_value()
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - a port that is no number raises here, as the client would on first use
+        except ValueError as exc:
+            raise ConfigError("MOXY_REDIS_URL", f"not a URL: {exc}") from None
+        if parts.scheme not in ("redis", "rediss", "unix") or (parts.scheme != "unix" and not parts.hostname):
+            raise ConfigError("MOXY_REDIS_URL", "must be redis://host[:port][/db], rediss://... or unix:///path")
+        if importlib.util.find_spec("redis") is None:
+            raise ConfigError("MOXY_REDIS_URL", "needs the redis client: pip install 'moxy[redis]'")
+
+    def _check_cache_dir(self) -> None:
+        # The spool, the purge log and (with a disk tier) the entries live there: a folder Moxy cannot write to
+        # would fail every large answer, so it stops the start instead.
+        folder = Path(self.cache_dir)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".check-"):
+                pass
+        except OSError as exc:
+            raise ConfigError("MOXY_CACHE_DIR", f"cannot write to {folder}: {exc.strerror or exc}") from None
 
     def _check_upstream_ca_file(self) -> None:
         if self.upstream_ca_file is None:

@@ -164,7 +164,7 @@ def listen(host: str, port: int, fd: int | None) -> socket.socket:
         return socket.create_server((host, port), family=family, backlog=2048)
     except OSError as exc:
         setting = "MOXY_PORT" if exc.errno == 98 else "MOXY_HOST"  # EADDRINUSE, else an address not on this host
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        reason = exc.strerror or str(exc)  # a name that does not resolve has a negative errno: its own text
         raise ConfigError(setting, f"cannot listen on {host}:{port}: {reason}") from exc
 
 
@@ -417,12 +417,10 @@ class Supervisor:
 
 def supervise(
     *,
-    host: str,
-    port: int,
-    fd: int | None,
+    listening: socket.socket,
     workers: int,
     command: Sequence[str],
     preflight: Callable[[], object],
 ) -> int:
-    """Listen (or take the inherited socket `fd`), run `workers` workers, and return the exit code."""
-    return Supervisor(listen(host, port, fd), workers, command, preflight).run()
+    """Run `workers` workers on the `listening` socket (see `listen`), and return the exit code."""
+    return Supervisor(listening, workers, command, preflight).run()

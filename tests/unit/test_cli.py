@@ -7,8 +7,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import importlib.util
 import os
 import re
+import socket
 import stat
 import sys
 import time
@@ -58,13 +60,19 @@ def uvicorn_calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     """Replaces the supervisor: records what it was asked to run (the listening address, the worker count) with the
     uvicorn configuration each of its workers would build, instead of serving."""
     calls: list[dict[str, Any]] = []
+    listened: dict[str, Any] = {}
 
-    def fake_supervise(*, command: list[str], preflight: Callable[[], object], **kwargs: Any) -> int:
+    def fake_listen(host: str, port: int, fd: int | None) -> Any:
+        listened.update(host=host, port=port, fd=fd)  # the address it would listen on; nothing is bound
+        return object()
+
+    def fake_supervise(*, listening: object, command: list[str], preflight: Callable[[], object], **kwargs: Any) -> int:
         preflight()  # what a reload runs: passes here, as the same checks passed at start
         app = command[command.index("--app") + 1]
-        calls.append({**server_options(load_settings(), app), **kwargs, "command": command})
+        calls.append({**server_options(load_settings(), app), **listened, **kwargs, "command": command})
         return 0
 
+    monkeypatch.setattr(supervisor, "listen", fake_listen)
     monkeypatch.setattr(supervisor, "supervise", fake_supervise)
     return calls
 
@@ -355,6 +363,19 @@ def test_version() -> None:
         pytest.param(
             (), {"MOXY_KEY": KEY, "MOXY_UPSTREAM_CA_FILE": "pyproject.toml"}, "MOXY_UPSTREAM_CA_FILE", id="ca-not-pem"
         ),
+        pytest.param((), {"MOXY_KEY": KEY, "MOXY_RULES_FILE": "missing.toml"}, "MOXY_RULES_FILE", id="rules-missing"),
+        pytest.param(
+            (), {"MOXY_KEY": KEY, "MOXY_VALIDATORS": "no_such_module:check"}, "MOXY_VALIDATORS", id="validator"
+        ),
+        pytest.param((), {"MOXY_KEY": KEY, "MOXY_REDIS_URL": "http://cache:6379"}, "MOXY_REDIS_URL", id="redis-scheme"),
+        pytest.param((), {"MOXY_KEY": KEY, "MOXY_REDIS_URL": "redis://cache:port"}, "MOXY_REDIS_URL", id="redis-port"),
+        pytest.param(
+            (),
+            {"MOXY_KEY": KEY, "MOXY_MEMORY_CACHE_BYTES": "0", "MOXY_DISK_CACHE_BYTES": "0"},
+            "MOXY_MEMORY_CACHE_BYTES",
+            id="no-tier",
+        ),
+        pytest.param((), {"MOXY_KEY": KEY, "MOXY_CACHE_DIR": "/proc/moxy-cache"}, "MOXY_CACHE_DIR", id="cache-dir"),
     ],
 )
 def test_serve_with_a_bad_setting_exits_2_before_uvicorn(
@@ -421,6 +442,50 @@ def test_serve_runs_its_workers_as_fresh_interpreters(uvicorn_calls: list[dict[s
     assert "worker" not in run("--help").stdout, "started by the supervisor only"
 
 
+def test_serve_with_a_rules_file_that_does_not_parse_exits_2_before_uvicorn(
+    uvicorn_calls: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    (tmp_path / "rules.toml").write_text("[[rule]\nhost = ", encoding="utf-8")
+    line = one_line_error(run("serve", env={"MOXY_KEY": KEY, "MOXY_RULES_FILE": "rules.toml"}), 2)
+    assert "MOXY_RULES_FILE:" in line and "rules.toml" in line
+    assert uvicorn_calls == []
+
+
+def test_serve_without_the_redis_client_exits_2_naming_the_extra(
+    uvicorn_calls: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "redis" else real(name, *a))
+    line = one_line_error(run("serve", env={"MOXY_KEY": KEY, "MOXY_REDIS_URL": "redis://127.0.0.1:6379/0"}), 2)
+    assert "MOXY_REDIS_URL:" in line and "moxy[redis]" in line
+    assert uvicorn_calls == []
+
+
+@pytest.mark.parametrize("taken", [True, False])
+def test_serve_on_an_address_it_cannot_listen_on_exits_2_before_the_banner(
+    monkeypatch: pytest.MonkeyPatch, taken: bool
+) -> None:
+    def never(**kwargs: Any) -> int:
+        raise AssertionError("no worker may start")
+
+    monkeypatch.setattr(supervisor, "supervise", never)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = {"MOXY_KEY": KEY, "MOXY_PORT": str(port)} if taken else {"MOXY_KEY": KEY, "MOXY_HOST": "256.0.0.1"}
+        line = one_line_error(run("serve", env=env), 2)
+    assert ("MOXY_PORT:" if taken else "MOXY_HOST:") in line and "cannot listen" in line
+
+
+def test_config_check_runs_the_serve_checks(tmp_path: Path) -> None:
+    good = run("config", "--check", env={"MOXY_KEY": KEY})
+    assert good.exit_code == 0, good.stderr
+    assert "configuration ok" in good.stdout
+    line = one_line_error(run("config", "--check", env={"MOXY_KEY": KEY, "MOXY_VALIDATORS": "nope:check"}), 2)
+    assert "MOXY_VALIDATORS:" in line
+
+
 def test_serve_checks_a_reload_as_it_checked_the_start(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     checks: list[Callable[[], object]] = []
 
@@ -429,6 +494,7 @@ def test_serve_checks_a_reload_as_it_checked_the_start(monkeypatch: pytest.Monke
         return 0
 
     monkeypatch.setattr(supervisor, "supervise", keep_preflight)
+    monkeypatch.setattr(supervisor, "listen", lambda host, port, fd: object())  # nothing is bound
     key_file = tmp_path / "moxy.key"
     key_file.write_text(KEY)
     monkeypatch.setenv("MOXY_KEY_FILE", str(key_file))
