@@ -246,7 +246,9 @@ def _fresh_metrics_dir(cache_dir: Path) -> Path:
 
 @main.command()
 @click.argument("url")
-@click.option("--endpoint", help="Base URL of the running Moxy (default: MOXY_BASE_URL).")
+@click.option(
+    "--endpoint", help="Base URL of the running Moxy [MOXY_ADMIN_URL; default: this host's MOXY_HOST:MOXY_PORT]."
+)
 def purge(url: str, endpoint: str | None) -> None:
     """Ask a running Moxy to drop URL (a Moxy URL or an upstream URL) from every tier."""
     import urllib.error
@@ -257,7 +259,8 @@ def purge(url: str, endpoint: str | None) -> None:
     settings = _settings()
     if settings.purge_token is None:
         _fail("MOXY_PURGE_TOKEN: not set; purge needs the token the server was started with", 2)
-    target = (endpoint or settings.base_url).rstrip("/") + "/purge"
+    # Never MOXY_BASE_URL: in production that is the CDN, where /purge should be blocked.
+    target = (endpoint or settings.admin_url or settings.local_url()).rstrip("/") + "/purge"
     request = urllib.request.Request(
         target,
         data=orjson.dumps({"url": url}),

@@ -42,6 +42,15 @@ DEFAULT_CONTENT_TYPES: tuple[str, ...] = (
 CommaList = Annotated[tuple[str, ...], NoDecode]
 
 
+def _local_url(data: dict[str, Any]) -> str:
+    host = str(data.get("host") or "127.0.0.1")
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{data.get('port') or 8080}"
+
+
 def _split_commas(value: Any) -> Any:
     if isinstance(value, str):
         return tuple(part.strip() for part in value.split(",") if part.strip())
@@ -62,6 +71,9 @@ class Settings(BaseSettings):
     key_file: Path | None = None
     camo_key: SecretStr | None = None
     base_url: str = "http://127.0.0.1:8080"
+    # Where `moxy purge` reaches a running Moxy: its own address, never the public MOXY_BASE_URL (in production the
+    # CDN, where /purge should be blocked). Unset: this host's MOXY_HOST and MOXY_PORT.
+    admin_url: str | None = None
 
     # -- server
     host: str = "127.0.0.1"
@@ -134,13 +146,12 @@ class Settings(BaseSettings):
     def _default_base_url(cls, data: Any) -> Any:
         # Unset, the public base URL is where this server listens, so `--port 9000` alone gives working links.
         if isinstance(data, dict) and not data.get("base_url"):
-            host = str(data.get("host") or "127.0.0.1")
-            if host in ("0.0.0.0", "::", ""):
-                host = "127.0.0.1"
-            elif ":" in host:
-                host = f"[{host}]"
-            return {**data, "base_url": f"http://{host}:{data.get('port') or 8080}"}
+            return {**data, "base_url": _local_url(data)}
         return data
+
+    def local_url(self) -> str:
+        """This server's own address as a client on this host reaches it (a wildcard listener via loopback)."""
+        return _local_url({"host": self.host, "port": self.port})
 
     @field_validator("workers", mode="before")
     @classmethod
@@ -150,9 +161,11 @@ class Settings(BaseSettings):
             return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
         return value
 
-    @field_validator("base_url")
+    @field_validator("base_url", "admin_url")
     @classmethod
-    def _check_base_url(cls, value: str) -> str:
+    def _check_base_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")

@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from moxy.cache import DiskStorage, MemoryStorage, Storage, TieredStorage
 from moxy.cache.purges import PurgeLog
+from moxy.cache.vary import ACCEPT_CLASSES
 from moxy.config import Settings
 from moxy.errors import MoxyError
 from moxy.proxy import CacheResult, Proxy, ProxyRequest, Served
@@ -189,11 +190,15 @@ class _Endpoints:
                 raise TypeError
         except (orjson.JSONDecodeError, KeyError, TypeError):
             return _json(b'{"error":"BadRequest","reason":"body must be {\\"url\\": \\"...\\"}"}', 400)
-        variants: tuple[Mapping[str, str], ...] = ({},)
+        # Every variant Accept can make is known (its classes), so all are deleted now and counted; variants of other
+        # forwarded headers go when next looked up (the purge log), uncounted.
+        variants: list[Mapping[str, str]] = [{}]
+        if "accept" in self.components.proxy.forward_headers:
+            variants += [{"accept": accept} for accept in ACCEPT_CLASSES]
         accept = request.headers.get("x-moxy-purge-accept")
         if accept:
-            variants = ({}, {"accept": accept})
-        removed, upstream_url = await self.components.proxy.purge(url, variants)
+            variants.append({"accept": accept})
+        removed, upstream_url = await self.components.proxy.purge(url, tuple(variants))
         return _json(orjson.dumps({"removed": removed, "surrogate_key": surrogate_key(upstream_url)}))
 
     async def readyz(self, request: Request) -> Response:

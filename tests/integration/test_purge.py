@@ -313,17 +313,18 @@ def _moxy_cli(*args: str, **env_settings: str) -> subprocess.CompletedProcess[st
 
 def test_moxy_purge_command(purge_origin: Origin, moxy: MoxyServer) -> None:
     path, url = _cached(purge_origin, moxy)
-    done = _moxy_cli("purge", url, purge_token=TOKEN, base_url=moxy.base_url)
+    # To the admin address: MOXY_BASE_URL is the public one (a CDN in production), never where a purge goes.
+    done = _moxy_cli("purge", url, purge_token=TOKEN, admin_url=moxy.base_url, base_url="http://127.0.0.1:9")
     assert done.returncode == 0, done.stderr
     assert done.stdout == "purged 1 entry\n"
     assert TOKEN not in done.stdout + done.stderr
     purge_origin.route(path, _picture(NEW))
     _assert_gone(purge_origin, moxy, path, hits_before=1)
 
-    # By Moxy URL, with --endpoint winning over MOXY_BASE_URL.
+    # By Moxy URL, with --endpoint winning over MOXY_ADMIN_URL.
     path, url = _cached(purge_origin, moxy)
     done = _moxy_cli(
-        "purge", moxy.sign(url), "--endpoint", moxy.base_url, purge_token=TOKEN, base_url="http://127.0.0.1:9"
+        "purge", moxy.sign(url), "--endpoint", moxy.base_url, purge_token=TOKEN, admin_url="http://127.0.0.1:9"
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout == "purged 1 entry\n"
@@ -331,7 +332,7 @@ def test_moxy_purge_command(purge_origin: Origin, moxy: MoxyServer) -> None:
     assert (again.returncode, again.stdout) == (0, "purged 0 entries\n")
 
     kept_path, kept_url = _cached(purge_origin, moxy)
-    refused = _moxy_cli("purge", kept_url, purge_token="wrong-token", base_url=moxy.base_url)
+    refused = _moxy_cli("purge", kept_url, purge_token="wrong-token", admin_url=moxy.base_url)
     assert refused.returncode == 1 and refused.stdout == ""
     assert refused.stderr.startswith("moxy: purge refused (401)"), refused.stderr
     assert "wrong-token" not in refused.stderr

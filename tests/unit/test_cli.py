@@ -553,7 +553,7 @@ def test_purge_posts_the_url_with_the_token(monkeypatch: pytest.MonkeyPatch) -> 
         return _Answer(b'{"removed": 1}')
 
     monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
-    env = {"MOXY_PURGE_TOKEN": "purge-token-value-42", "MOXY_BASE_URL": "http://127.0.0.1:8089/"}
+    env = {"MOXY_PURGE_TOKEN": "purge-token-value-42", "MOXY_ADMIN_URL": "http://127.0.0.1:8089/"}
     result = run("purge", "https://example.com/pic.png", env=env)
     assert result.exit_code == 0, result.stderr
     assert result.stdout == "purged 1 entry\n"
@@ -563,6 +563,33 @@ def test_purge_posts_the_url_with_the_token(monkeypatch: pytest.MonkeyPatch) -> 
     assert request.get_header("Authorization") == "Bearer purge-token-value-42"
     assert request.data == b'{"url":"https://example.com/pic.png"}'
     assert "purge-token-value-42" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "flags", "target"),
+    [
+        # The public base URL (in production the CDN, where /purge is blocked) is never where a purge goes.
+        ({"MOXY_BASE_URL": "https://cdn.example.com"}, (), "http://127.0.0.1:8080/purge"),
+        ({"MOXY_BASE_URL": "https://cdn.example.com", "MOXY_PORT": "9001"}, (), "http://127.0.0.1:9001/purge"),
+        ({"MOXY_HOST": "0.0.0.0", "MOXY_PORT": "9002"}, (), "http://127.0.0.1:9002/purge"),
+        ({"MOXY_HOST": "::1", "MOXY_PORT": "9003"}, (), "http://[::1]:9003/purge"),
+        ({"MOXY_ADMIN_URL": "http://10.0.0.5:8080"}, (), "http://10.0.0.5:8080/purge"),
+        ({"MOXY_ADMIN_URL": "http://10.0.0.5:8080"}, ("--endpoint", "http://10.0.0.6:81/"), "http://10.0.0.6:81/purge"),
+    ],
+)
+def test_purge_goes_to_the_admin_address_never_the_public_one(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], flags: tuple[str, ...], target: str
+) -> None:
+    sent: list[str] = []
+
+    def fake_urlopen(request: urllib.request.Request, timeout: float) -> _Answer:
+        sent.append(request.full_url)
+        return _Answer(b'{"removed": 3}')
+
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+    result = run("purge", "https://example.com/pic.png", *flags, env={"MOXY_PURGE_TOKEN": "t" * 24, **env})
+    assert result.exit_code == 0, result.stderr
+    assert (sent, result.stdout) == ([target], "purged 3 entries\n")
 
 
 def test_purge_refused_exits_1(monkeypatch: pytest.MonkeyPatch) -> None:

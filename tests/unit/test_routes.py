@@ -277,6 +277,26 @@ async def test_purge_removes_the_entry(rig: Rig) -> None:
     assert len(rig.fetch.calls) == 2
 
 
+async def test_purge_counts_every_accept_variant(rig: Rig) -> None:
+    rig.fetch.answers[URL] = png()
+    url = rig.sign()
+    browsers = [
+        "image/avif,image/webp,image/apng,image/svg+xml,image/*,*/*;q=0.8",  # Chromium
+        "image/webp,*/*",  # an older Firefox
+        "*/*",  # curl
+    ]
+    for accept in browsers:
+        assert (await rig.client.get(url, headers={"accept": accept})).headers["x-moxy-cache"] == "MISS"
+    rig.clock.now += 1
+    purged = await rig.client.post(
+        "/purge", content=orjson.dumps({"url": url}), headers={"authorization": f"Bearer {TOKEN}"}
+    )
+    assert purged.json()["removed"] == 3, "every variant gone, and counted"
+    rig.clock.now += 1
+    for accept in browsers:
+        assert (await rig.client.get(url, headers={"accept": accept})).headers["x-moxy-cache"] == "MISS"
+
+
 async def test_without_a_token_there_is_no_purge_endpoint(rig: Rig) -> None:
     settings = rig.components.settings.model_copy(update={"purge_token": None})
     app = routes.router(replace(rig.components, settings=settings))
