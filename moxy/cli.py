@@ -8,6 +8,7 @@ import base64
 import os
 import secrets
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -46,7 +47,7 @@ def new_key() -> str:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="moxy")
+@click.version_option(__version__, "-V", "--version", prog_name="moxy")
 def main() -> None:
     """Moxy: an HMAC-signed caching URL proxy."""
 
@@ -61,12 +62,19 @@ def main() -> None:
 @click.option("--exact", is_flag=True, help="Expire exactly --expires seconds from now, not at the bucket's end.")
 @click.option("--base-url", help="Public base URL of Moxy [MOXY_BASE_URL].")
 def sign(url: str, expires: int | None, exact: bool, base_url: str | None) -> None:
-    """Print the signed Moxy URL for URL."""
+    """Print the signed Moxy URL for URL; with URL `-`, sign each line of standard input (blank lines skipped),
+    one signed URL per line, in order."""
     signer = _signer(_settings(base_url=base_url))
-    try:
-        click.echo(signer.sign(url, expires_in=expires, exact=exact))
-    except ValueError as exc:  # UnsignableURL, or an expiry past what a Moxy URL can carry
-        _fail(f"cannot sign {url!r}: {exc}", 1)
+    if url != "-":
+        lines: Iterable[tuple[int, str]] = [(0, url)]
+    else:
+        lines = ((number, line.strip()) for number, line in enumerate(sys.stdin, start=1) if line.strip())
+    for number, each in lines:
+        try:
+            click.echo(signer.sign(each, expires_in=expires, exact=exact))
+        except ValueError as exc:  # UnsignableURL, or an expiry past what a Moxy URL can carry
+            where = f" (line {number} of standard input)" if number else ""
+            _fail(f"cannot sign {each!r}{where}: {exc}", 1)
 
 
 @main.command()

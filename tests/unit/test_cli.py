@@ -609,3 +609,24 @@ def test_purge_unreachable_exits_1(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
     line = one_line_error(run("purge", "https://example.com/x", env={"MOXY_PURGE_TOKEN": "t"}), 1)
     assert "cannot reach http://127.0.0.1:8080/purge" in line
+
+
+def test_sign_reads_urls_from_standard_input() -> None:
+    urls = ["https://example.com/a.png", "https://example.com/b.png?x=1"]
+    text = f"{urls[0]}\n\n  {urls[1]}  \n"
+    result = CliRunner().invoke(main, ["sign", "-"], input=text, env={"MOXY_KEY": KEY, "MOXY_BASE_URL": BASE})
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.splitlines() == [reference_sign(url, KEY, BASE) for url in urls]
+
+
+def test_sign_from_standard_input_names_the_line_it_cannot_sign() -> None:
+    text = "https://example.com/a.png\nnot a url\nhttps://example.com/c.png\n"
+    result = CliRunner().invoke(main, ["sign", "-"], input=text, env={"MOXY_KEY": KEY, "MOXY_BASE_URL": BASE})
+    assert result.exit_code == 1
+    assert result.stdout == reference_sign("https://example.com/a.png", KEY, BASE) + "\n"  # what came before it
+    assert "line 2 of standard input" in result.stderr
+
+
+def test_short_version_flag() -> None:
+    result = run("-V")
+    assert result.exit_code == 0 and result.stdout.startswith("moxy, version ")
