@@ -26,7 +26,7 @@ RUN /opt/moxy/bin/pip install --require-hashes --no-deps --only-binary=:all: -r 
 FROM ${BASE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY moxy ./moxy
 RUN pip wheel --no-deps --wheel-dir /dist .
 

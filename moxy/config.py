@@ -231,7 +231,7 @@ class Settings(BaseSettings):
         if parts.scheme not in ("redis", "rediss", "unix") or (parts.scheme != "unix" and not parts.hostname):
             raise ConfigError("MOXY_REDIS_URL", "must be redis://host[:port][/db], rediss://... or unix:///path")
         if importlib.util.find_spec("redis") is None:
-            raise ConfigError("MOXY_REDIS_URL", "needs the redis client: pip install 'moxy[redis]'")
+            raise ConfigError("MOXY_REDIS_URL", "needs the redis client: pip install 'moxy-proxy[redis]'")
 
     def _check_cache_dir(self) -> None:
         # The spool, the purge log and (with a disk tier) the entries live there: a folder Moxy cannot write to

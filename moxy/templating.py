@@ -12,7 +12,7 @@ try:
     import markupsafe
 except ImportError as exc:  # the hishel pattern: name the extra that brings the missing package
     raise ImportError(
-        "moxy.templating needs Jinja2, an optional extra of Moxy: pip install 'moxy[jinja2]'", name=exc.name
+        "moxy.templating needs Jinja2, an optional extra of Moxy: pip install 'moxy-proxy[jinja2]'", name=exc.name
     ) from exc
 
 from moxy.errors import UnsignableURL

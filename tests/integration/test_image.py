@@ -188,7 +188,7 @@ def context_files() -> list[Path]:
 def test_build_context_is_only_what_the_image_needs() -> None:
     kept = context_files()
     tops = {path.parts[0] for path in kept}
-    assert tops == {"pyproject.toml", "README.md", "moxy", "deploy"}, tops
+    assert tops == {"pyproject.toml", "README.md", "LICENSE", "moxy", "deploy"}, tops
     assert [p for p in kept if p.parts[0] == "deploy"] == [Path("deploy/requirements.txt")]
     assert not [p for p in kept if p.suffix in (".key", ".pyc")]
     copied = {
@@ -234,7 +234,7 @@ def test_lock_covers_every_runtime_dependency(image_venv: Path) -> None:
     ).stdout
     installed = {entry["name"].lower().replace("_", "-") for entry in json.loads(listed)} - {"pip", "setuptools"}
     locked = {line.split("==")[0].lower() for line in LOCK.read_text().splitlines() if "==" in line}
-    assert installed == locked | {"moxy"}
+    assert installed == locked | {"moxy-proxy"}
 
 
 def test_the_installed_image_serves_checks_health_signs_and_stops(image_venv: Path, tmp_path: Path) -> None:

@@ -457,7 +457,7 @@ def test_serve_without_the_redis_client_exits_2_naming_the_extra(
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "redis" else real(name, *a))
     line = one_line_error(run("serve", env={"MOXY_KEY": KEY, "MOXY_REDIS_URL": "redis://127.0.0.1:6379/0"}), 2)
-    assert "MOXY_REDIS_URL:" in line and "moxy[redis]" in line
+    assert "MOXY_REDIS_URL:" in line and "moxy-proxy[redis]" in line
     assert uvicorn_calls == []
 
 

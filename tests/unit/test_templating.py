@@ -452,7 +452,7 @@ def test_missing_jinja2_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.delitem(sys.modules, "moxy.templating")
     monkeypatch.setitem(sys.modules, "jinja2", None)  # makes `import jinja2` fail as if it were not installed
 
-    with pytest.raises(ImportError, match=re.escape("pip install 'moxy[jinja2]'")) as caught:
+    with pytest.raises(ImportError, match=re.escape("pip install 'moxy-proxy[jinja2]'")) as caught:
         importlib.import_module("moxy.templating")
 
     assert caught.value.name == "jinja2"
