@@ -8,6 +8,7 @@ import base64
 import os
 import secrets
 import sys
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NoReturn
@@ -17,7 +18,7 @@ import click
 from moxy import __version__
 from moxy.config import Settings, load_settings
 from moxy.errors import ConfigError, MoxyError, VerificationError
-from moxy.signing import Signer
+from moxy.signing import MAX_EXPIRES_AT, Signer, expiry_bucket
 
 __all__ = ["main"]
 
@@ -65,6 +66,9 @@ def sign(url: str, expires: int | None, exact: bool, base_url: str | None) -> No
     """Print the signed Moxy URL for URL; with URL `-`, sign each line of standard input (blank lines skipped),
     one signed URL per line, in order."""
     signer = _signer(_settings(base_url=base_url))
+    if expires is not None and time.time() + expires + expiry_bucket(expires) > MAX_EXPIRES_AT:
+        # Said in the option's own name, not the signer's parameter's.
+        _fail(f"--expires {expires}: past the latest expiry a Moxy URL can carry (unix time {MAX_EXPIRES_AT})", 1)
     if url != "-":
         lines: Iterable[tuple[int, str]] = [(0, url)]
     else:

@@ -61,6 +61,10 @@ def _lower(value: Any) -> Any:
     return value.strip().lower() if isinstance(value, str) else value
 
 
+# As for signing keys (moxy/signing.py MIN_KEY_BYTES): a purge token must not be guessable.
+MIN_TOKEN_BYTES = 16
+
+
 class Settings(BaseSettings):
     """Every setting of Moxy. Field `foo_bar` is read from `MOXY_FOO_BAR`."""
 
@@ -176,6 +180,9 @@ class Settings(BaseSettings):
         # Set but empty is an unfilled template, not a choice: it must not open purge to an empty credential.
         if value is not None and not value.get_secret_value().strip():
             raise ValueError("is empty; unset it to turn purge off, or give a token")
+        # The token lets anyone who has it empty the cache: as hard to guess as a signing key (`moxy keygen`).
+        if value is not None and len(value.get_secret_value().strip().encode("utf-8")) < MIN_TOKEN_BYTES:
+            raise ValueError(f"is shorter than {MIN_TOKEN_BYTES} bytes; `moxy keygen` makes a good one")
         return value
 
     @field_validator("allowed_networks")

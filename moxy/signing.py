@@ -17,7 +17,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from moxy.errors import BadSignature, ConfigError, ExpiredURL, MalformedURL, UnsignableURL
 
-__all__ = ["MIN_KEY_BYTES", "Signer", "VerifiedURL", "check_signable", "expiry_bucket", "sign_url"]
+__all__ = ["MAX_EXPIRES_AT", "MIN_KEY_BYTES", "Signer", "VerifiedURL", "check_signable", "expiry_bucket", "sign_url"]
 
 MIN_KEY_BYTES = 16
 NATIVE_DIGEST_LENGTH = 43  # base64url of 32 bytes, unpadded

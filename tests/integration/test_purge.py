@@ -332,7 +332,7 @@ def test_moxy_purge_command(purge_origin: Origin, moxy: MoxyServer) -> None:
     assert (again.returncode, again.stdout) == (0, "purged 0 entries\n")
 
     kept_path, kept_url = _cached(purge_origin, moxy)
-    refused = _moxy_cli("purge", kept_url, purge_token="wrong-token", admin_url=moxy.base_url)
+    refused = _moxy_cli("purge", kept_url, purge_token="wrong-token-of-full-length", admin_url=moxy.base_url)
     assert refused.returncode == 1 and refused.stdout == ""
     assert refused.stderr.startswith("moxy: purge refused (401)"), refused.stderr
     assert "wrong-token" not in refused.stderr

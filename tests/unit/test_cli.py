@@ -607,7 +607,7 @@ def test_purge_unreachable_exits_1(monkeypatch: pytest.MonkeyPatch) -> None:
         raise urllib.error.URLError("connection refused")
 
     monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
-    line = one_line_error(run("purge", "https://example.com/x", env={"MOXY_PURGE_TOKEN": "t"}), 1)
+    line = one_line_error(run("purge", "https://example.com/x", env={"MOXY_PURGE_TOKEN": "t" * 16}), 1)
     assert "cannot reach http://127.0.0.1:8080/purge" in line
 
 
@@ -630,3 +630,10 @@ def test_sign_from_standard_input_names_the_line_it_cannot_sign() -> None:
 def test_short_version_flag() -> None:
     result = run("-V")
     assert result.exit_code == 0 and result.stdout.startswith("moxy, version ")
+
+
+def test_an_expiry_too_far_names_the_option_not_an_internal_parameter() -> None:
+    line = one_line_error(
+        run("sign", "https://example.com/a.png", "--expires", "99999999999999", env={"MOXY_KEY": KEY}), 1
+    )
+    assert line.startswith("moxy: --expires 99999999999999:") and "expires_at" not in line

@@ -94,6 +94,9 @@ def test_comma_lists_round_trip(names: list[str]) -> None:
         ("MOXY_TTL_MIN", "-5"),
         ("MOXY_PURGE_TOKEN", ""),  # set but empty: an unfilled template must not open purge
         ("MOXY_PURGE_TOKEN", "   "),
+        ("MOXY_PURGE_TOKEN", "x"),  # guessable: it empties the cache for whoever has it
+        ("MOXY_PURGE_TOKEN", "fifteen-bytes.."),
+        ("MOXY_ADMIN_URL", "localhost:8080"),
     ],
 )
 def test_bad_setting_names_itself(monkeypatch: pytest.MonkeyPatch, variable: str, raw: str) -> None:
