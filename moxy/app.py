@@ -162,7 +162,9 @@ class MoxyApp:
         memory, vary = c.tiers.memory, c.vary
         memo = HitMemo(memory, c.purges, c.settings.forward_headers, vary) if memory is not None else None
         inner = routes.router(c, on_hit=memo.learn if memo is not None else None)
-        self.front = Hits(inner, memo, c.metrics, c.settings.access_log) if memo is not None else inner
+        front = Hits(inner, memo, c.metrics, c.settings.access_log) if memo is not None else inner
+        secret = c.settings.origin_secret
+        self.front = routes.origin_lock(front, secret.get_secret_value(), c.metrics) if secret else front
         loop = asyncio.get_running_loop()
         watchers = [loop.create_task(c.purges.watch()), loop.create_task(report_tiers(c.metrics, memory, c.tiers.disk))]
         try:
@@ -171,7 +173,9 @@ class MoxyApp:
             for watcher in watchers:
                 watcher.cancel()
             c.metrics.close()
-            self.front = routes.router(c)  # no more memo answers once closing has begun
+            closing = routes.router(c)  # no more memo answers once closing has begun
+            secret = c.settings.origin_secret
+            self.front = routes.origin_lock(closing, secret.get_secret_value(), c.metrics) if secret else closing
             await c.proxy.aclose()
             await c.upstream.aclose()
             await c.tiers.storage.aclose()

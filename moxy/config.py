@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     # Where `moxy purge` reaches a running Moxy: its own address, never the public MOXY_BASE_URL (in production the
     # CDN, where /purge should be blocked). Unset: this host's MOXY_HOST and MOXY_PORT.
     admin_url: str | None = None
+    # With it, Moxy answers only requests that carry it in ORIGIN_SECRET_HEADER (added by the CDN), so the origin
+    # cannot be used around the CDN; health and readiness stay open for the orchestrator's probes.
+    origin_secret: SecretStr | None = None
 
     # -- server
     host: str = "127.0.0.1"
@@ -174,13 +177,14 @@ class Settings(BaseSettings):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
 
-    @field_validator("purge_token")
+    @field_validator("purge_token", "origin_secret")
     @classmethod
     def _check_purge_token(cls, value: SecretStr | None) -> SecretStr | None:
         # Set but empty is an unfilled template, not a choice: it must not open purge to an empty credential.
         if value is not None and not value.get_secret_value().strip():
-            raise ValueError("is empty; unset it to turn purge off, or give a token")
-        # The token lets anyone who has it empty the cache: as hard to guess as a signing key (`moxy keygen`).
+            raise ValueError("is empty; unset it to turn this off, or give a secret")
+        # Whoever has the purge token can empty the cache, and the origin secret opens the origin around the CDN:
+        # each must be as hard to guess as a signing key (`moxy keygen`).
         if value is not None and len(value.get_secret_value().strip().encode("utf-8")) < MIN_TOKEN_BYTES:
             raise ValueError(f"is shorter than {MIN_TOKEN_BYTES} bytes; `moxy keygen` makes a good one")
         return value

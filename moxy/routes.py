@@ -39,7 +39,7 @@ from moxy.telemetry import (
 )
 from moxy.upstream import Upstream
 
-__all__ = ["Components", "OnHit", "Tiers", "router", "waiting"]
+__all__ = ["ORIGIN_SECRET_HEADER", "Components", "OnHit", "Tiers", "origin_lock", "router", "waiting"]
 
 # Told of every plain HIT the proxy route answered, with the request's ASGI scope (the hit memo learns from it).
 OnHit = Callable[[Any, Served], None]
@@ -243,6 +243,38 @@ class _Plain:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.app(scope, receive, send)
+
+
+# The header a CDN adds with MOXY_ORIGIN_SECRET; without it (or with another value) Moxy answers nothing but 403.
+ORIGIN_SECRET_HEADER = b"x-moxy-origin-secret"
+# Answered to anyone: the orchestrator's probes do not come through the CDN.
+_UNLOCKED_PATHS = frozenset({"/healthz", "/readyz"})
+_LOCKED = orjson.dumps({"error": "Forbidden", "reason": "requests reach this origin through its CDN only"})
+_LOCKED_HEADERS = [
+    *((name.encode("latin-1"), value.encode("latin-1")) for name, value in _NO_STORE.items()),
+    (b"content-type", b"application/json"),
+    (b"content-length", b"%d" % len(_LOCKED)),
+]
+
+
+def origin_lock(app: ASGIApp, secret: str, metrics: Metrics) -> ASGIApp:
+    """`app` answering only requests that carry `secret` in ORIGIN_SECRET_HEADER (compared in constant time), and
+    a JSON 403 to every other, before the hit memo or anything else sees it."""
+    expected = secret.encode("utf-8")
+
+    async def locked(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in _UNLOCKED_PATHS:
+            await app(scope, receive, send)
+            return
+        given = next((value for name, value in scope["headers"] if name == ORIGIN_SECRET_HEADER), b"")
+        if hmac.compare_digest(given, expected):
+            await app(scope, receive, send)
+            return
+        metrics.count_request(403, CacheResult.BYPASS.value, 0.0)
+        await send({"type": "http.response.start", "status": 403, "headers": _LOCKED_HEADERS})
+        await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else _LOCKED})
+
+    return locked
 
 
 def _sent_length(reply: Answer) -> int:

@@ -82,3 +82,27 @@ async def test_a_disk_hit_the_memory_tier_would_keep_is_moved_up(
         await components.proxy.aclose()
         await components.upstream.aclose()
         await components.tiers.storage.aclose()
+
+
+async def test_with_an_origin_secret_only_the_cdn_gets_answers(tmp_path: Path) -> None:
+    secret = "origin-secret-0123456789"
+    settings = Settings(
+        key=SecretStr(KEY), cache_dir=tmp_path / "cache", base_url="http://testserver", origin_secret=SecretStr(secret)
+    )
+    url = Signer([KEY], "http://testserver").sign("https://images.example/cat.png")
+    app = create_app(settings)
+    transport = httpx.ASGITransport(app=app)
+    async with app.router.router.lifespan_context(app.router), httpx.AsyncClient(transport=transport) as client:
+        around = await client.get(url)  # straight to the origin, around the CDN
+        wrong = await client.get("http://testserver/metrics", headers={"x-moxy-origin-secret": "guess"})
+        head = await client.head(url)
+        through = await client.get("http://testserver/metrics", headers={"x-moxy-origin-secret": secret})
+        probes = [(await client.get(f"http://testserver{path}")).status_code for path in ("/healthz", "/readyz")]
+    for refused in (around, wrong):
+        assert refused.status_code == 403
+        assert refused.json()["error"] == "Forbidden"
+        assert refused.headers["cache-control"] == "no-store"
+        assert refused.headers["x-content-type-options"] == "nosniff"
+    assert head.status_code == 403 and head.content == b""
+    assert through.status_code == 200 and 'moxy_requests_total{cache="BYPASS",status="403"} 3.0' in through.text
+    assert probes == [200, 200]
