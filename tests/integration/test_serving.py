@@ -9,7 +9,7 @@ import email.utils
 import math
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import count
 
 import httpx
@@ -379,3 +379,22 @@ def test_request_errors_are_never_stored(http: httpx.Client, serving_origin: Ori
             answer = http.request(method, bad)
             assert answer.status_code == status, (bad, method)
             assert answer.headers["cache-control"] == "no-store", (bad, method)
+
+
+def test_an_origin_locked_to_its_cdn_answers_only_requests_with_the_secret(
+    start_moxy: Callable[..., MoxyServer], serving_origin: Origin
+) -> None:
+    secret = "origin-secret-for-the-edge-0123"
+    moxy = start_moxy(origin_secret=secret)
+    url = serving_origin.url("/locked.png")
+    reply = Reply(headers={"Content-Type": "image/png", "Cache-Control": "max-age=600"}, body=SMALL)
+    serving_origin.route("/locked.png", reply)
+    around = moxy.get(url)
+    assert around.status_code == 403 and around.json()["error"] == "Forbidden"
+    assert around.headers["cache-control"] == "no-store"
+    through = moxy.get(url, headers={"X-Moxy-Origin-Secret": secret})
+    assert (through.status_code, through.content) == (200, SMALL)
+    hit = moxy.get(url, headers={"X-Moxy-Origin-Secret": secret})
+    assert hit.headers["x-moxy-cache"] == "HIT"
+    assert moxy.get(url).status_code == 403, "a cached copy is no way around the lock"
+    assert httpx.get(moxy.base_url + "/healthz").status_code == 200  # probes do not pass the CDN
