@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -25,3 +26,17 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     if pending:
         running.run_until_complete(run_out())
     running.close()
+
+
+@pytest.fixture
+def flushed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The descriptors os.fsync is called with from now on (the calls still flush)."""
+    calls: list[int] = []
+    real_fsync = os.fsync
+
+    def counted_fsync(fd: int) -> None:
+        calls.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counted_fsync)
+    return calls

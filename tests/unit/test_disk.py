@@ -589,17 +589,9 @@ async def test_a_folder_emptied_under_a_running_tier_is_made_again(tmp_path: Pat
 
 @pytest.mark.parametrize("fsync", [True, False])
 async def test_puts_flush_only_when_asked_and_entries_read_back_whole_either_way(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fsync: bool
+    tmp_path: Path, flushed: list[int], fsync: bool
 ) -> None:
     storage = DiskStorage(tmp_path / "cache", 64 * MiB, fsync=fsync)
-    flushed: list[int] = []
-    real_fsync = os.fsync
-
-    def counted_fsync(fd: int) -> None:
-        flushed.append(fd)
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", counted_fsync)
     small, large = make_entry("small.png", b"s" * 1000), make_entry("large.png", os.urandom(200 * 1024))
     await storage.put(small)
     await storage.put(large)
