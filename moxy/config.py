@@ -81,12 +81,18 @@ class Settings(BaseSettings):
     # With it, Moxy answers only requests that carry it in ORIGIN_SECRET_HEADER (added by the CDN), so the origin
     # cannot be used around the CDN; health and readiness stay open for the orchestrator's probes.
     origin_secret: SecretStr | None = None
+    # `*`, or the origins (scheme://host[:port]) whose pages may read Moxy's answers from script (fonts, JSON).
+    cors_origins: CommaList = ()
 
     # -- server
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     workers: int = Field(default=1, ge=1, le=256)
     purge_token: SecretStr | None = None
+    # A second listener for /metrics and /purge (on MOXY_ADMIN_HOST, loopback by default), so they need not be
+    # reachable where the proxy is. Unset: both are served on the main listener.
+    admin_port: int | None = Field(default=None, ge=0, le=65535)
+    admin_host: str = "127.0.0.1"
     access_log: bool = True
     # Moxy's own records and uvicorn's below this level are not written (moxy.logs); the access line is "info".
     log_level: Annotated[Literal["debug", "info", "warning", "error", "critical"], BeforeValidator(_lower)] = "info"
@@ -121,6 +127,9 @@ class Settings(BaseSettings):
     upstream_breaker_cooldown: float = Field(default=10.0, gt=0)
     # The HTTP client under the fetcher (moxy.upstream.ENGINES): aiohttp, or h1 (httptools, half the CPU per miss).
     upstream_engine: Literal["aiohttp", "h1"] = "aiohttp"
+    # An HTTP proxy every upstream request goes through (http://[user:pass@]host:port). Its own address is exempt
+    # from the destination policy; every target is still checked.
+    upstream_proxy: SecretStr | None = None
 
     # -- cache
     cache_dir: Path = Path("var/cache")
@@ -145,7 +154,7 @@ class Settings(BaseSettings):
     validators: CommaList = ()
 
     _split = field_validator(
-        "forward_headers", "allowed_networks", "allow_hosts", "deny_hosts", "content_types", "validators", mode="before"
+        "forward_headers", "allowed_networks", "allow_hosts", "cors_origins", "deny_hosts", "content_types", "validators", mode="before"
     )(_split_commas)
 
     @model_validator(mode="before")
@@ -198,6 +207,20 @@ class Settings(BaseSettings):
             except ValueError as exc:
                 raise ValueError(f"{cidr!r} is not a network in CIDR form") from exc
         return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _check_cors_origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if "*" in value and len(value) > 1:
+            raise ValueError("is `*` or a list of origins, not both")
+        for origin in value:
+            if origin == "*":
+                continue
+            parts = urlsplit(origin)
+            # An origin as browsers send it in `Origin`: scheme, host and port only (RFC 6454 §6.2).
+            if parts.scheme not in ("http", "https") or not parts.hostname or parts.path or parts.query:
+                raise ValueError(f"{origin!r} is not an origin (scheme://host[:port], no path)")
+        return tuple(origin.lower() if origin != "*" else origin for origin in value)
 
     @field_validator("forward_headers")
     @classmethod
