@@ -154,7 +154,14 @@ class Settings(BaseSettings):
     validators: CommaList = ()
 
     _split = field_validator(
-        "forward_headers", "allowed_networks", "allow_hosts", "cors_origins", "deny_hosts", "content_types", "validators", mode="before"
+        "forward_headers",
+        "allowed_networks",
+        "allow_hosts",
+        "cors_origins",
+        "deny_hosts",
+        "content_types",
+        "validators",
+        mode="before",
     )(_split_commas)
 
     @model_validator(mode="before")
