@@ -10,6 +10,7 @@ STATE   ?= var
 
 help:
 	@echo "make run     install into $(VENV) and start Moxy on 127.0.0.1:8080 (key kept in $(STATE)/moxy.key)"
+	@echo "make clean   remove the venv, caches and $(STATE)/cache; $(STATE)/moxy.key is kept"
 	@echo "make test    install with test extras and run the whole suite (unit + real servers on loopback)"
 	@echo "make check   ruff, ruff format --check, mypy --strict, import layering"
 	@echo "make bench   the benchmark, as ratios against nginx measured in the same run"
@@ -30,9 +31,11 @@ $(VENV)/.test: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	@touch $@ $(VENV)/.runtime
 
+# Absolute paths, so the banner's `MOXY_KEY_FILE=... moxy sign` line works from any folder.
 run: $(VENV)/.runtime
 	@mkdir -p $(STATE)
-	MOXY_KEY_FILE=$${MOXY_KEY_FILE:-$(STATE)/moxy.key} MOXY_CACHE_DIR=$${MOXY_CACHE_DIR:-$(STATE)/cache} \
+	MOXY_KEY_FILE=$${MOXY_KEY_FILE:-$(abspath $(STATE))/moxy.key} \
+	MOXY_CACHE_DIR=$${MOXY_CACHE_DIR:-$(abspath $(STATE))/cache} \
 		$(BIN)/moxy serve --init-key
 
 system-deps:
@@ -61,8 +64,13 @@ soak: $(VENV)/.test system-deps
 example: $(VENV)/.runtime
 	$(BIN)/python examples/app.py
 
+# Everything but $(STATE)/moxy.key: every URL signed by `make run` depends on it, so it goes only by hand.
 clean:
-	rm -rf $(VENV) $(STATE) .pytest_cache .mypy_cache .ruff_cache .hypothesis .coverage* build dist *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .coverage* build dist *.egg-info
+	@if [ -d $(STATE) ]; then find $(STATE) -mindepth 1 -maxdepth 1 ! -name moxy.key -exec rm -rf {} +; fi
+	@if [ -e $(STATE)/moxy.key ]; then \
+		echo "kept $(STATE)/moxy.key: the URLs signed with it stop working without it (rm it yourself to retire it)"; \
+	fi
 
 # The container image without a container engine: the Dockerfile's facts, and its install and run steps replayed
 # in a fresh venv (tests/integration/test_image.py). `docker build -t moxy .` where an engine runs.

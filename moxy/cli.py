@@ -86,7 +86,7 @@ def sign(url: str, expires: int | None, exact: bool, base_url: str | None) -> No
 def verify(moxy_url: str) -> None:
     """Print the upstream URL a Moxy URL stands for, or exit 1 with the reason."""
     settings = _settings()
-    if settings.key is None and settings.key_file is None and settings.camo_keys():
+    if settings.key is None and settings.key_file is None and not settings.key_path().exists() and settings.camo_keys():
         # Only legacy camo keys here (a site still checking its camo links): native URLs cannot verify, as no
         # native key exists, so an unguessable placeholder stands in for the ring.
         signer = Signer([new_key()], settings.base_url, camo_keys=settings.camo_keys())
@@ -120,12 +120,16 @@ def show_config(check: bool) -> None:
 
 
 def ensure_key_file(path: Path) -> bool:
-    """Create `path` holding a fresh key (mode 0600) unless it exists. True when a key was made."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Create `path` holding a fresh key (mode 0600, in a folder only its owner may enter when it makes one) unless
+    it exists. True when a key was made; ConfigError naming MOXY_KEY_FILE when it cannot be written."""
     try:
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return False
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return False
+    except OSError as exc:  # a file where a folder should be, no permission: one line, not a traceback
+        raise ConfigError("MOXY_KEY_FILE", f"cannot create {path}: {exc.strerror or exc}") from None
     with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
         handle.write(new_key() + "\n")
     return True
@@ -133,7 +137,8 @@ def ensure_key_file(path: Path) -> bool:
 
 def _print_welcome(settings: Settings, signer: Signer, fd: int | None = None) -> None:
     where = f"the inherited socket {fd}" if fd is not None else f"http://{settings.host}:{settings.port}"
-    key_source = f"MOXY_KEY_FILE={settings.key_file} " if settings.key is None else ""
+    # A key file named by MOXY_KEY_FILE must be named again to sign; the user's own key file is found from anywhere.
+    key_source = f"MOXY_KEY_FILE={settings.key_file} " if settings.key is None and settings.key_file else ""
     example = signer.sign("https://www.python.org/static/img/python-logo.png")
     click.echo(
         f"moxy {__version__}: serving on {where} "
@@ -151,7 +156,11 @@ def _print_welcome(settings: Settings, signer: Signer, fd: int | None = None) ->
 @click.option(
     "--fd", type=click.IntRange(min=0), help="Serve on this inherited listening socket instead of --host/--port."
 )
-@click.option("--init-key", is_flag=True, help="Create MOXY_KEY_FILE with a fresh key if it does not exist.")
+@click.option(
+    "--init-key",
+    is_flag=True,
+    help="Without MOXY_KEY: create the key file (MOXY_KEY_FILE, else ~/.config/moxy/moxy.key) if it does not exist.",
+)
 # The app factory uvicorn loads in each worker; the integration tests wrap the real one to widen a crash window.
 @click.option("--app", "app_factory", default="moxy.app:create_app", hidden=True)
 def serve(
@@ -163,9 +172,12 @@ def serve(
 
     flags = {"host": host, "port": port, "workers": workers}
     settings = _settings(**flags)
-    if init_key and settings.key is None and settings.key_file is not None:
-        if ensure_key_file(settings.key_file):
-            click.echo(f"moxy: generated a new key in {settings.key_file}", err=True)
+    try:
+        if init_key and settings.key is None and ensure_key_file(settings.key_path()):
+            # Kept (mode 0600) where the next start finds it again, so the URLs signed with it survive restarts.
+            click.echo(f"moxy: generated a new key in {settings.key_path()}", err=True)
+    except ConfigError as exc:
+        _fail(str(exc), 2)
     signer = _signer(settings)  # a missing or short key stops start-up here, with one line
     try:
         # Everything a worker would trip over, before the banner: the files it must read, the rules and custom

@@ -20,7 +20,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from moxy.errors import ConfigError
 
-__all__ = ["DEFAULT_CONTENT_TYPES", "Settings", "load_settings"]
+__all__ = ["DEFAULT_CONTENT_TYPES", "Settings", "load_settings", "user_cache_dir", "user_key_file"]
 
 MIN_KEY_BYTES = 16  # mirrors moxy.signing.MIN_KEY_BYTES; config sits below signing in the layers
 
@@ -49,6 +49,29 @@ def _local_url(data: dict[str, Any]) -> str:
     elif ":" in host:
         host = f"[{host}]"
     return f"http://{host}:{data.get('port') or 8080}"
+
+
+def _xdg_folder(variable: str, fallback: str) -> Path:
+    # XDG Base Directory spec: the variable when it holds an absolute path (a relative one is to be ignored), else
+    # the fallback under the home folder. An installed Moxy keeps its state there whatever folder it runs from.
+    base = os.environ.get(variable, "")
+    if os.path.isabs(base):
+        return Path(base) / "moxy"
+    home = os.path.expanduser("~")
+    if not os.path.isabs(home):  # no HOME and no passwd entry (an arbitrary container uid): still one fixed place
+        return Path(tempfile.gettempdir()) / f"moxy-{os.getuid()}" / fallback.strip(".")
+    return Path(home) / fallback / "moxy"
+
+
+def user_cache_dir() -> Path:
+    """MOXY_CACHE_DIR when unset: $XDG_CACHE_HOME/moxy, else ~/.cache/moxy (`make run` and the image set their own)."""
+    return _xdg_folder("XDG_CACHE_HOME", ".cache")
+
+
+def user_key_file() -> Path:
+    """The key file read when neither MOXY_KEY nor MOXY_KEY_FILE is set, and the one `moxy serve --init-key` creates
+    then: $XDG_CONFIG_HOME/moxy/moxy.key, else ~/.config/moxy/moxy.key."""
+    return _xdg_folder("XDG_CONFIG_HOME", ".config") / "moxy.key"
 
 
 def _split_commas(value: Any) -> Any:
@@ -132,7 +155,8 @@ class Settings(BaseSettings):
     upstream_proxy: SecretStr | None = None
 
     # -- cache
-    cache_dir: Path = Path("var/cache")
+    # Absolute whatever the working folder (user_cache_dir), so a Moxy started from anywhere finds its cache again.
+    cache_dir: Path = Field(default_factory=user_cache_dir)
     memory_cache_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
     memory_max_entry_bytes: int = Field(default=2 * 1024 * 1024, ge=0)
     disk_cache_bytes: int = Field(default=4 * 1024 * 1024 * 1024, ge=0)
@@ -299,18 +323,27 @@ class Settings(BaseSettings):
 
     # -- derived values ---------------------------------------------------------
 
+    def key_path(self) -> Path:
+        """The file the key ring is read from when MOXY_KEY is unset: MOXY_KEY_FILE, else the user's (user_key_file)."""
+        return self.key_file if self.key_file is not None else user_key_file()
+
     def signing_keys(self) -> list[str]:
-        """The key ring: MOXY_KEY, else the comma-separated keys in MOXY_KEY_FILE. The first signs."""
+        """The key ring: MOXY_KEY, else the comma-separated keys in MOXY_KEY_FILE, else in the user's key file if it
+        exists (made by `moxy serve --init-key`). The first signs."""
         if self.key is not None:
             raw, setting = self.key.get_secret_value(), "MOXY_KEY"
-        elif self.key_file is not None:
-            setting = "MOXY_KEY_FILE"
+        elif self.key_file is not None or self.key_path().exists():
+            setting, path = "MOXY_KEY_FILE", self.key_path()
             try:
-                raw = self.key_file.read_text(encoding="utf-8")
+                raw = path.read_text(encoding="utf-8")
             except OSError as exc:
-                raise ConfigError(setting, f"cannot read {self.key_file}: {exc.strerror}") from exc
+                raise ConfigError(setting, f"cannot read {path}: {exc.strerror}") from exc
         else:
-            raise ConfigError("MOXY_KEY", "no key configured (set MOXY_KEY or MOXY_KEY_FILE; `moxy keygen` makes one)")
+            raise ConfigError(
+                "MOXY_KEY",
+                f"no key configured (set MOXY_KEY or MOXY_KEY_FILE; `moxy keygen` makes one, "
+                f"`moxy serve --init-key` keeps one in {self.key_path()})",
+            )
         keys = [part.strip() for part in raw.replace("\n", ",").split(",") if part.strip()]
         if not keys:
             raise ConfigError(setting, "holds no key")

@@ -52,6 +52,9 @@ def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
     for name in list(os.environ):
         if name.upper().startswith("MOXY_"):
             monkeypatch.delenv(name)
+    # The user's folders (an installed Moxy's defaults for its key and cache) are this test's, never the developer's.
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
     monkeypatch.chdir(tmp_path)
 
 
@@ -520,6 +523,64 @@ def test_serve_init_key_creates_a_private_key_file(uvicorn_calls: list[dict[str,
     assert second.exit_code == 0 and "generated" not in second.stderr
     assert key_file.read_text(encoding="utf-8").strip() == key  # kept, so URLs survive restarts
     assert len(uvicorn_calls) == 2
+
+
+def test_init_key_without_a_key_file_keeps_the_key_in_the_users_config_folder(
+    uvicorn_calls: list[dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An installed Moxy, no settings at all: the key goes where any later start, from any folder, finds it again.
+    first = run("serve", "--init-key")
+    assert first.exit_code == 0, first.stderr
+    key_file = tmp_path / "xdg-config" / "moxy" / "moxy.key"
+    assert f"generated a new key in {key_file}" in first.stderr
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(key_file.parent.stat().st_mode) == 0o700
+    key = key_file.read_text(encoding="utf-8").strip()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    second = run("serve", "--init-key")
+    assert second.exit_code == 0 and "generated" not in second.stderr
+    assert "MOXY_KEY_FILE=" not in second.stderr  # the banner's sign line needs no setting: the key is found
+    signed = run("sign", "https://example.com/pic.png")
+    assert signed.exit_code == 0, signed.stderr
+    assert signed.stdout.strip() == reference_sign("https://example.com/pic.png", key, "http://127.0.0.1:8080")
+    assert run("verify", signed.stdout.strip()).stdout.strip() == "https://example.com/pic.png"
+    assert len(uvicorn_calls) == 2
+
+
+def test_home_config_folder_when_xdg_is_unset_or_relative(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_CONFIG_HOME")
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")  # the XDG spec: a relative path is ignored
+    settings = load_settings()
+    assert settings.key_path() == tmp_path / "home" / ".config" / "moxy" / "moxy.key"
+    assert settings.cache_dir == tmp_path / "home" / ".cache" / "moxy"
+
+
+def test_cache_folder_default_is_absolute_and_shown(tmp_path: Path) -> None:
+    shown = run("config", env={"MOXY_KEY": KEY})
+    assert f"MOXY_CACHE_DIR={tmp_path / 'xdg-cache' / 'moxy'}" in shown.stdout.splitlines()
+    assert run("config", env={"MOXY_CACHE_DIR": "/srv/moxy"}).stdout.count("MOXY_CACHE_DIR=/srv/moxy") == 1
+
+
+def test_no_key_names_where_init_key_would_keep_one(tmp_path: Path) -> None:
+    line = one_line_error(run("sign", "https://example.com/pic.png"), 2)
+    assert "MOXY_KEY" in line and str(tmp_path / "xdg-config" / "moxy" / "moxy.key") in line
+
+
+def test_init_key_in_a_folder_it_cannot_write_is_one_line(uvicorn_calls: list[dict[str, Any]], tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    line = one_line_error(run("serve", "--init-key", env={"MOXY_KEY_FILE": str(blocker / "moxy.key")}), 2)
+    assert line.startswith("moxy: MOXY_KEY_FILE") and "cannot create" in line
+    assert uvicorn_calls == []
+
+
+def test_init_key_leaves_an_explicit_key_alone(uvicorn_calls: list[dict[str, Any]], tmp_path: Path) -> None:
+    result = run("serve", "--init-key", env={"MOXY_KEY": KEY})
+    assert result.exit_code == 0 and "generated" not in result.stderr
+    assert not (tmp_path / "xdg-config").exists()
 
 
 def test_ensure_key_file_keeps_an_existing_file(tmp_path: Path) -> None:

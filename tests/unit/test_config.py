@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, strategies as st
 from pydantic import ValidationError
 
-from moxy.config import DEFAULT_CONTENT_TYPES, Settings, load_settings
+from moxy.config import DEFAULT_CONTENT_TYPES, Settings, load_settings, user_cache_dir
 from moxy.errors import ConfigError
 from tests.assets import CAMO_KEY, KEY, OLD_KEY
 
@@ -298,7 +298,7 @@ def test_masked_hides_every_secret(monkeypatch: pytest.MonkeyPatch) -> None:
         assert needle not in flat
     assert shown["MOXY_PORT"] == 8080
     assert shown["MOXY_FORWARD_HEADERS"] == "Accept"
-    assert shown["MOXY_CACHE_DIR"] == str(Path("var/cache"))
+    assert shown["MOXY_CACHE_DIR"] == str(user_cache_dir())  # absolute: the user's cache folder, not the working one
     assert set(shown) == {f"MOXY_{name.upper()}" for name in Settings.model_fields}
 
 
