@@ -4,14 +4,18 @@ Exit codes: 0 success, 1 the input was refused (bad URL, failed verification), 2
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import secrets
 import sys
 import time
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
+from urllib.parse import urlsplit
 
 import click
 
@@ -19,6 +23,9 @@ from moxy import __version__
 from moxy.config import Settings, load_settings
 from moxy.errors import ConfigError, MoxyError, VerificationError
 from moxy.signing import MAX_EXPIRES_AT, Signer, expiry_bucket
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = ["main"]
 
@@ -184,9 +191,17 @@ def serve(
         # validators it loads, the cache folder and tiers, then the address it listens on.
         _preflight(flags)
         listening = supervisor.listen(settings.host, settings.port, fd)
+        admin = None
+        if settings.admin_port is not None:  # 0 is a port too: any free one, named in the banner
+            admin = supervisor.listen_admin(settings.admin_host, settings.admin_port)
     except ConfigError as exc:
         _fail(str(exc), 2)
     _print_welcome(settings, signer, fd)
+    if admin is not None:
+        host, admin_port = admin.getsockname()[:2]
+        click.echo(
+            f"  admin:       http://{f'[{host}]' if ':' in host else host}:{admin_port} (/metrics, /purge)", err=True
+        )
     # Worker processes rebuild Settings from the environment, so given flags travel there.
     for name, value in flags.items():
         if value is not None:
@@ -200,6 +215,7 @@ def serve(
             # Each worker is a fresh interpreter, so a reload runs the code installed at the time of the SIGHUP.
             command=[sys.executable, "-m", "moxy", "worker", "--app", app_factory],
             preflight=lambda: _preflight(flags),
+            admin=admin,
         )
     except ConfigError as exc:  # the address cannot be listened on
         _fail(str(exc), 2)
@@ -222,7 +238,8 @@ def _preflight(flags: dict[str, Any]) -> Settings:
 @click.option("--control-fd", type=int, required=True)
 @click.option("--supervisor", "supervisor_pid", type=int, required=True)
 @click.option("--app", "app_factory", default="moxy.app:create_app")
-def worker(listen_fd: int, control_fd: int, supervisor_pid: int, app_factory: str) -> None:
+@click.option("--admin-fd", type=int)
+def worker(listen_fd: int, control_fd: int, supervisor_pid: int, app_factory: str, admin_fd: int | None) -> None:
     """One worker process of `moxy serve`, started by its supervisor (moxy.supervisor), never by hand."""
     import uvicorn
 
@@ -231,7 +248,7 @@ def worker(listen_fd: int, control_fd: int, supervisor_pid: int, app_factory: st
     supervisor.bind_to_supervisor(supervisor_pid)  # first: a supervisor killed from here on takes this worker along
     options = server_options(_settings(), app_factory)
     try:
-        supervisor.run_worker(uvicorn.Config(**options), listen_fd, control_fd)
+        supervisor.run_worker(uvicorn.Config(**options), listen_fd, control_fd, admin_fd)
     except ConfigError as exc:  # raised by the app factory (a rules file that does not parse): one line, not a trace
         _fail(str(exc), 2)
 
@@ -271,7 +288,8 @@ def _fresh_metrics_dir(cache_dir: Path) -> Path:
 @main.command()
 @click.argument("url")
 @click.option(
-    "--endpoint", help="Base URL of the running Moxy [MOXY_ADMIN_URL; default: this host's MOXY_HOST:MOXY_PORT]."
+    "--endpoint",
+    help="Base URL of the running Moxy [MOXY_ADMIN_URL; default: this host's MOXY_ADMIN_PORT, else MOXY_PORT].",
 )
 def purge(url: str, endpoint: str | None) -> None:
     """Ask a running Moxy to drop URL (a Moxy URL or an upstream URL) from every tier."""
@@ -284,7 +302,7 @@ def purge(url: str, endpoint: str | None) -> None:
     if settings.purge_token is None:
         _fail("MOXY_PURGE_TOKEN: not set; purge needs the token the server was started with", 2)
     # Never MOXY_BASE_URL: in production that is the CDN, where /purge should be blocked.
-    target = (endpoint or settings.admin_url or settings.local_url()).rstrip("/") + "/purge"
+    target = (endpoint or settings.admin_url or settings.local_admin_url()).rstrip("/") + "/purge"
     request = urllib.request.Request(
         target,
         data=orjson.dumps({"url": url}),
@@ -343,3 +361,176 @@ def health(port: int | None, timeout: float) -> None:
     if status != 200:
         _fail(f"unhealthy: {target} answered {status}", 1)
     click.echo("healthy")
+
+
+# -- warm -------------------------------------------------------------------------------------------
+
+# Cache results in the order the summary lists them; any other outcome (an error) follows, sorted.
+_WARM_ORDER = ("HIT", "MISS", "STALE", "REVALIDATED", "BYPASS", "OK")
+_WARM_FAILURES_SHOWN = 20  # a whole broken list would bury the summary; the count says how many more
+
+
+@dataclass(frozen=True, slots=True)
+class _Warmed:
+    position: int  # in the input, so failures are reported in its order whatever order they finished in
+    url: str  # as the input gave it
+    outcome: str  # X-Moxy-Cache (HIT, MISS, ...), "OK" for a 2xx without it, or "error <status or cause>"
+    detail: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return self.outcome.startswith("error")
+
+
+def _warm_targets(
+    urls: list[str], settings: Settings, endpoint: str | None, expires: int | None, exact: bool
+) -> list[tuple[str, str]]:
+    """(input URL, URL to fetch) for each line: a Moxy URL is fetched as is (re-based on --endpoint), any other URL
+    is signed with the configured key first. Fails (exit 1 or 2) before any fetch when a line cannot be used."""
+    target = (endpoint or settings.base_url).rstrip("/")
+    bases = {settings.base_url.rstrip("/"), target}
+    signer: Signer | None = None
+    missing_key: ConfigError | None = None
+    try:
+        signer = Signer(settings.signing_keys(), settings.base_url, camo_keys=settings.camo_keys())
+    except ConfigError as exc:  # needed only if some line is an upstream URL
+        missing_key = exc
+    found: list[tuple[str, str]] = []
+    for number, url in enumerate(urls, start=1):
+        base = next((base for base in bases if url.startswith(base + "/")), None)
+        if base is not None:  # a Moxy URL under this Moxy's public or given address: no key needed
+            found.append((url, target + url[len(base) :]))
+            continue
+        if signer is not None and _verifies(signer, url):  # a Moxy URL published under another address
+            parts = urlsplit(url)
+            found.append((url, target + parts.path + (f"?{parts.query}" if parts.query else "")))
+            continue
+        if signer is None:
+            assert missing_key is not None
+            _fail(f"{missing_key} (line {number} is an upstream URL, which warm signs first)", 2)
+        try:
+            signed = signer.sign(url, expires_in=expires, exact=exact)
+        except ValueError as exc:  # UnsignableURL, or an expiry past what a Moxy URL can carry
+            _fail(f"cannot sign {url!r} (line {number}): {exc}", 1)
+        found.append((url, target + signed[len(signer.base_url) :]))
+    return found
+
+
+def _verifies(signer: Signer, url: str) -> bool:
+    try:
+        signer.verify(url)
+    except VerificationError:
+        return False
+    return True
+
+
+async def _warm_one(client: httpx.AsyncClient, position: int, url: str, fetch: str) -> _Warmed:
+    import httpx
+    import orjson
+
+    try:
+        async with client.stream("GET", fetch) as response:
+            ok = 200 <= response.status_code < 300
+            kept = b""
+            # Read to the end, as a CDN does before it keeps a copy; an error's small JSON body says why.
+            async for chunk in response.aiter_raw():
+                if not ok and len(kept) < 4096:
+                    kept += chunk
+    except httpx.TimeoutException:
+        return _Warmed(position, url, "error timeout")
+    except httpx.HTTPError as exc:
+        return _Warmed(position, url, "error connection", str(exc) or type(exc).__name__)
+    if ok:
+        return _Warmed(position, url, response.headers.get("x-moxy-cache", "OK").upper())
+    try:
+        reason = str(orjson.loads(kept).get("reason", ""))
+    except (orjson.JSONDecodeError, AttributeError):  # not Moxy's JSON: a CDN's own error page
+        reason = ""
+    return _Warmed(position, url, f"error {response.status_code}", reason)
+
+
+async def _warm_all(
+    targets: list[tuple[str, str]],
+    concurrency: int,
+    timeout: float,
+    headers: dict[str, str],
+    advance: Callable[[], None],
+) -> list[_Warmed]:
+    import httpx
+
+    results: list[_Warmed] = []
+    pending = iter(enumerate(targets))  # shared by the workers: one event loop, so no lock is needed
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits, headers=headers, follow_redirects=False) as client:
+
+        async def work() -> None:
+            for position, (url, fetch) in pending:
+                results.append(await _warm_one(client, position, url, fetch))
+                advance()
+
+        await asyncio.gather(*(work() for _ in range(min(concurrency, len(targets)))))
+    return sorted(results, key=lambda result: result.position)
+
+
+def _header(value: str) -> tuple[str, str]:
+    name, colon, text = value.partition(":")
+    if not colon or not name.strip():
+        raise click.BadParameter(f"{value!r} is not 'Name: value'", param_hint="--header")
+    return name.strip(), text.strip()
+
+
+@main.command()
+@click.argument("source", type=click.File("r", encoding="utf-8"))
+@click.option("--concurrency", type=click.IntRange(1, 256), default=8, show_default=True, help="Fetches at once.")
+@click.option(
+    "--endpoint", help="Fetch from this Moxy instead of the public address [default: MOXY_BASE_URL, the CDN]."
+)
+@click.option("--expires", type=click.IntRange(min=1), help="Sign upstream URLs to expire, as `moxy sign` does.")
+@click.option("--exact", is_flag=True, help="With --expires: to the second, not at the bucket's end.")
+@click.option("-H", "--header", "headers", multiple=True, help="Extra request header 'Name: value' (e.g. Accept).")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True, help="Seconds per URL.")
+def warm(
+    source: TextIO,
+    concurrency: int,
+    endpoint: str | None,
+    expires: int | None,
+    exact: bool,
+    headers: tuple[str, ...],
+    timeout: float,
+) -> None:
+    """Fetch every URL of SOURCE (a file, or - for standard input; one per line, blank lines and # comments
+    skipped) through a running Moxy, so later readers find it cached. Moxy URLs are fetched as they are; any other
+    URL is signed with the configured key first. Prints a summary by outcome (HIT, MISS, STALE, ... and errors by
+    status); exits 1 if any URL failed.
+
+    By default the URLs go to MOXY_BASE_URL, the address pages use: in production the CDN, so the edge that
+    answers and Moxy behind it both keep a copy. --endpoint sends them to one Moxy directly (its path and query
+    kept), with MOXY_ORIGIN_SECRET if set, to fill that host's tiers only."""
+    settings = _settings()
+    if endpoint is not None and not endpoint.startswith(("http://", "https://")):
+        _fail(f"--endpoint {endpoint!r}: must start with http:// or https://", 2)
+    urls = [line.strip() for line in source if line.strip() and not line.lstrip().startswith("#")]
+    targets = _warm_targets(urls, settings, endpoint, expires, exact)
+    sent = dict(_header(value) for value in headers)
+    if endpoint is not None and settings.origin_secret is not None:
+        # Straight to the origin, which answers only the CDN's requests when the secret is set.
+        from moxy.routes import ORIGIN_SECRET_HEADER
+
+        sent[ORIGIN_SECRET_HEADER.decode("ascii")] = settings.origin_secret.get_secret_value()
+    started = time.monotonic()
+    with click.progressbar(length=len(targets), label="warming", file=sys.stderr, show_pos=True) as bar:
+        results = asyncio.run(_warm_all(targets, concurrency, timeout, sent, lambda: bar.update(1)))
+    elapsed = time.monotonic() - started
+    counts = Counter(result.outcome for result in results)
+    order = [name for name in _WARM_ORDER if name in counts] + sorted(set(counts) - set(_WARM_ORDER))
+    width = max((len(name) for name in order), default=0)
+    for name in order:
+        click.echo(f"{name:<{width}}  {counts[name]}")
+    failed = [result for result in results if result.failed]
+    click.echo(f"{len(results)} URL{'s' if len(results) != 1 else ''} in {elapsed:.1f} s, {len(failed)} failed")
+    for result in failed[:_WARM_FAILURES_SHOWN]:
+        click.echo(f"moxy: {result.outcome}: {result.url}{f' ({result.detail})' if result.detail else ''}", err=True)
+    if len(failed) > _WARM_FAILURES_SHOWN:
+        click.echo(f"moxy: ... and {len(failed) - _WARM_FAILURES_SHOWN} more failed", err=True)
+    if failed:
+        sys.exit(1)
