@@ -85,7 +85,14 @@ def _rules(settings: Settings) -> Rules | None:
 async def open_components(plan: Plan) -> routes.Components:
     """Open the storage tiers and the upstream client, and build the Proxy over them."""
     s, metrics = plan.settings, Metrics()
-    purges = PurgeLog(Path(s.cache_dir) / "purges.log")
+    link, fleet = None, None
+    if s.redis_url is not None:
+        from moxy.cache.redis import RedisFleet, RedisLink
+
+        # One client and one breaker for everything Redis does here: the tier, the locks, the purge stream.
+        link = RedisLink(s.redis_url.get_secret_value(), cluster=s.redis_cluster, timeout=s.redis_timeout)
+        fleet = RedisFleet(link)
+    purges = PurgeLog(Path(s.cache_dir) / "purges.log", fleet)
     await purges.refresh()
     memory = MemoryStorage(s.memory_cache_bytes, s.memory_max_entry_bytes) if s.memory_cache_bytes > 0 else None
     disk = (
@@ -102,10 +109,10 @@ async def open_components(plan: Plan) -> routes.Components:
         else None
     )
     tiers: list[Storage] = [tier for tier in (memory, disk) if tier is not None]
-    if s.redis_url is not None:
+    if link is not None:
         from moxy.cache.redis import RedisStorage
 
-        tiers.append(RedisStorage(s.redis_url.get_secret_value()))
+        tiers.append(RedisStorage(link))
     storage = TieredStorage(tiers, purges)
     spool = disk.spool_dir if disk is not None else Path(s.cache_dir) / "tmp"
     spool.mkdir(parents=True, exist_ok=True)
@@ -167,6 +174,7 @@ class MoxyApp:
         self.front = routes.origin_lock(front, secret.get_secret_value(), c.metrics) if secret else front
         loop = asyncio.get_running_loop()
         watchers = [loop.create_task(c.purges.watch()), loop.create_task(report_tiers(c.metrics, memory, c.tiers.disk))]
+        watchers.append(loop.create_task(c.purges.follow()))  # other hosts' purges (returns at once without Redis)
         try:
             yield
         finally:
@@ -178,6 +186,7 @@ class MoxyApp:
             self.front = routes.origin_lock(closing, secret.get_secret_value(), c.metrics) if secret else closing
             await c.proxy.aclose()
             await c.upstream.aclose()
+            await c.purges.aclose()
             await c.tiers.storage.aclose()
 
 

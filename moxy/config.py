@@ -164,6 +164,14 @@ class Settings(BaseSettings):
     # cut can cost entries but never serves a bad one (each is checked on read), and a fill costs no disk flush.
     disk_fsync: bool = False
     redis_url: SecretStr | None = None
+    # Many hosts, one Redis (docs/deploy.md). Every Redis call waits at most MOXY_REDIS_TIMEOUT: what a slow or dead
+    # Redis can add to a request before the breaker stops calling it. A cold miss takes a lock for MOXY_REDIS_LOCK_TTL
+    # seconds, so other hosts wait for its fetch (at most that long) instead of making their own. MOXY_REDIS_CLUSTER
+    # talks to a Redis Cluster through the URL of any of its nodes (a flag, not a URL scheme: redis:// and rediss://
+    # keep meaning what they mean to every other Redis tool, TLS included).
+    redis_timeout: float = Field(default=0.25, gt=0, le=60)
+    redis_lock_ttl: float = Field(default=10.0, gt=0, le=3600)
+    redis_cluster: bool = False
     ttl_min: int = Field(default=60, ge=0)
     ttl_max: int = Field(default=30 * 24 * 3600, ge=0)
     ttl_default: int = Field(default=3600, ge=0)
@@ -295,6 +303,8 @@ class Settings(BaseSettings):
             raise ConfigError("MOXY_REDIS_URL", f"not a URL: {exc}") from None
         if parts.scheme not in ("redis", "rediss", "unix") or (parts.scheme != "unix" and not parts.hostname):
             raise ConfigError("MOXY_REDIS_URL", "must be redis://host[:port][/db], rediss://... or unix:///path")
+        if self.redis_cluster and parts.scheme == "unix":
+            raise ConfigError("MOXY_REDIS_CLUSTER", "a cluster is reached over TCP: redis:// or rediss://, not unix://")
         if importlib.util.find_spec("redis") is None:
             raise ConfigError("MOXY_REDIS_URL", "needs the redis client: pip install 'moxy-proxy[redis]'")
 

@@ -39,7 +39,18 @@ from moxy.telemetry import (
 )
 from moxy.upstream import Upstream
 
-__all__ = ["ORIGIN_SECRET_HEADER", "Components", "OnHit", "Tiers", "origin_lock", "router", "waiting"]
+__all__ = [
+    "ADMIN_LISTENER",
+    "ADMIN_PATHS",
+    "ORIGIN_SECRET_HEADER",
+    "Components",
+    "OnHit",
+    "Tiers",
+    "admin_router",
+    "origin_lock",
+    "router",
+    "waiting",
+]
 
 # Told of every plain HIT the proxy route answered, with the request's ASGI scope (the hit memo learns from it).
 OnHit = Callable[[Any, Served], None]
@@ -286,34 +297,24 @@ def _sent_length(reply: Answer) -> int:
 
 # The endpoints that are not the proxy route for GET and HEAD (HEAD is taken wherever GET is).
 _OPERATIONAL_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+# What MOXY_ADMIN_PORT moves to the admin listener: on the main one these paths then answer 404, whatever the method.
+ADMIN_PATHS = frozenset({"/metrics", "/purge"})
+# The ASGI scope extension moxy.server sets on a request that arrived on the admin listener.
+ADMIN_LISTENER = "moxy.admin_listener"
 
 
-def router(components: Components, *, on_hit: OnHit | None = None) -> ASGIApp:
-    """The endpoints over `components`. /purge exists only when a purge token is configured.
-
-    A GET or HEAD of any other path goes straight to the proxy route; the framework's router takes the rest
-    (the operational endpoints, other methods, targets that are no path)."""
-    endpoints = _Endpoints(components, on_hit)
-    routes = [
-        Route("/healthz", healthz, methods=["GET", "HEAD"]),
-        Route("/readyz", endpoints.readyz, methods=["GET", "HEAD"]),
-        Route("/metrics", endpoints.metrics, methods=["GET"]),
-    ]
-    if components.settings.purge_token is not None:
-        routes.append(Route("/purge", endpoints.purge, methods=["POST"]))
-    # Reached through the framework only for a method other than GET and HEAD: the route names the methods it
-    # takes, which makes the framework's answer a 405 (with Allow) instead of a 404.
-    routes.append(Route("/{path:path}", _Plain(endpoints.proxy), methods=["GET", "HEAD"]))
+def _refusals(components: Components, *, allow: str | None) -> Callable[[Request, Exception], Any]:
+    """The framework's answer to what no route takes (another method, a target that is no path such as `OPTIONS *`):
+    the same JSON error shape, security headers, no-store, access log and metrics as every other answer. `allow`:
+    the methods a 405 names; None answers a wrong method with 404, as if the endpoint were not there."""
     metrics, access_log = components.metrics, components.settings.access_log
 
     async def refused(request: Request, exc: Exception) -> Response:
-        # What no route takes (another method, a target that is no path such as `OPTIONS *`): the same JSON
-        # error shape, security headers, no-store, access log and metrics as every other answer.
         started = time.perf_counter()
         status = getattr(exc, "status_code", 404)
         headers = dict(_NO_STORE)
-        if status == 405:
-            headers["allow"] = "GET, HEAD"
+        if status == 405 and allow is not None:
+            headers["allow"] = allow
             body = b'{"error":"MethodNotAllowed","reason":"Moxy answers GET and HEAD"}'
         else:
             status, body = 404, b'{"error":"NotFound","reason":"no such endpoint"}'
@@ -326,13 +327,50 @@ def router(components: Components, *, on_hit: OnHit | None = None) -> ASGIApp:
             log_access(request.method, path, status, "BYPASS", None, None, None, len(body), started, client=client)
         return response
 
+    return refused
+
+
+def _probes(endpoints: _Endpoints) -> list[Route]:
+    return [
+        Route("/healthz", healthz, methods=["GET", "HEAD"]),
+        Route("/readyz", endpoints.readyz, methods=["GET", "HEAD"]),
+    ]
+
+
+def _operations(endpoints: _Endpoints) -> list[Route]:
+    """/metrics, and /purge when a purge token is configured."""
+    routes = [Route("/metrics", endpoints.metrics, methods=["GET"])]
+    if endpoints.components.settings.purge_token is not None:
+        routes.append(Route("/purge", endpoints.purge, methods=["POST"]))
+    return routes
+
+
+def router(components: Components, *, on_hit: OnHit | None = None) -> ASGIApp:
+    """The endpoints of the main listener over `components`. /purge exists only when a purge token is configured;
+    with MOXY_ADMIN_PORT, /metrics and /purge are the admin listener's (`admin_router`) and answer 404 here.
+
+    A GET or HEAD of any other path goes straight to the proxy route; the framework's router takes the rest
+    (the operational endpoints, other methods, targets that are no path)."""
+    endpoints = _Endpoints(components, on_hit)
+    moved = components.settings.admin_port is not None
+    routes = _probes(endpoints) + ([] if moved else _operations(endpoints))
+    # Reached through the framework only for a method other than GET and HEAD: the route names the methods it
+    # takes, which makes the framework's answer a 405 (with Allow) instead of a 404.
+    routes.append(Route("/{path:path}", _Plain(endpoints.proxy), methods=["GET", "HEAD"]))
+    refused = _refusals(components, allow="GET, HEAD")
     framework = Starlette(routes=routes, exception_handlers={404: refused, 405: refused})
+    # No route at all: every request it takes is answered 404 by `refused`.
+    missing = Starlette(exception_handlers={404: refused})
+    hidden = ADMIN_PATHS if moved else frozenset()
     proxy = endpoints.proxy
 
     async def front(scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] == "http"
-            and scope["method"] in ("GET", "HEAD")
+        if scope["type"] != "http":
+            await framework(scope, receive, send)
+        elif scope["path"] in hidden:
+            await missing(scope, receive, send)
+        elif (
+            scope["method"] in ("GET", "HEAD")
             and scope["path"].startswith("/")
             and scope["path"] not in _OPERATIONAL_PATHS
         ):
@@ -341,3 +379,13 @@ def router(components: Components, *, on_hit: OnHit | None = None) -> ASGIApp:
             await framework(scope, receive, send)
 
     return front
+
+
+def admin_router(components: Components) -> ASGIApp:
+    """The endpoints of the admin listener (MOXY_ADMIN_PORT): /metrics and /purge, and the probes (one port for
+    an orchestrator to watch). Every other request is answered 404: no proxy route here."""
+    endpoints = _Endpoints(components, None)
+    refused = _refusals(components, allow=None)
+    return Starlette(
+        routes=_probes(endpoints) + _operations(endpoints), exception_handlers={404: refused, 405: refused}
+    )

@@ -14,7 +14,7 @@ import pytest
 from redis.asyncio import Redis
 
 from moxy.cache import BodyFile, DiskStorage, Entry, MemoryStorage, TieredStorage, make_key, storage_id
-from moxy.cache.redis import RedisStorage
+from moxy.cache.redis import RedisLink, RedisStorage
 from tests.entries import make_entry as entry_of
 from tests.integration.servers import require_binary
 from tests.net import free_port
@@ -65,7 +65,7 @@ async def storage(redis_url: str) -> AsyncIterator[RedisStorage]:
     raw = Redis.from_url(redis_url)
     await raw.flushdb()
     await raw.aclose()
-    redis = RedisStorage(redis_url, max_entry_bytes=1024 * 1024, prefix="test:")
+    redis = RedisStorage(RedisLink(redis_url), max_entry_bytes=1024 * 1024, prefix="test:")
     yield redis
     await redis.aclose()
 
@@ -94,10 +94,10 @@ async def test_round_trip_and_expiry(storage: RedisStorage, raw: Redis):
     got = await storage.get(entry.key)
     assert got == entry
     sid = storage_id(entry.key)
-    ttl = await raw.pttl(f"test:m:{sid}")
+    ttl = await raw.pttl(f"test:m:{{{sid}}}")
     # lifetime + max(swr, sie) + margin = 600 + 3600 + 3600 seconds
     assert 7700_000 < ttl <= 7800_000
-    assert await raw.pttl(f"test:b:{sid}") > 7700_000
+    assert await raw.pttl(f"test:b:{{{sid}}}") > 7700_000
 
 
 async def test_full_key_compared(storage: RedisStorage, monkeypatch: pytest.MonkeyPatch):
@@ -137,7 +137,7 @@ async def test_touch_rewrites_metadata_only(storage: RedisStorage, raw: Redis):
     entry = make_entry(body=os.urandom(100_000))
     await storage.put(entry)
     sid = storage_id(entry.key)
-    await raw.pexpire(f"test:b:{sid}", 5_000)
+    await raw.pexpire(f"test:b:{{{sid}}}", 5_000)
     refreshed = entry.with_body(b"").refreshed(
         stored_at=time.time(),
         age=0.0,
@@ -152,7 +152,7 @@ async def test_touch_rewrites_metadata_only(storage: RedisStorage, raw: Redis):
     await storage.touch(refreshed)  # no body in hand: only the metadata key can change
     got = await storage.get(entry.key)
     assert got is not None and got.etag == '"v2"' and got.must_revalidate and got.body == entry.body
-    assert await raw.pttl(f"test:b:{sid}") > 3_000_000  # expiry extended to the new metadata's
+    assert await raw.pttl(f"test:b:{{{sid}}}") > 3_000_000  # expiry extended to the new metadata's
 
 
 async def test_touch_of_a_missing_entry_stores_it_whole(storage: RedisStorage):
@@ -167,20 +167,20 @@ async def test_damaged_entries_are_misses(storage: RedisStorage, raw: Redis, dam
     await storage.put(entry)
     sid = storage_id(entry.key)
     if damage == "meta":
-        stored = await raw.get(f"test:m:{sid}")
+        stored = await raw.get(f"test:m:{{{sid}}}")
         assert isinstance(stored, bytes)
         meta = bytearray(stored)
         meta[30] ^= 1
-        await raw.set(f"test:m:{sid}", bytes(meta))
+        await raw.set(f"test:m:{{{sid}}}", bytes(meta))
     elif damage == "body":
-        await raw.set(f"test:b:{sid}", b"9123456789" + b"0123456789" * 99)
+        await raw.set(f"test:b:{{{sid}}}", b"9123456789" + b"0123456789" * 99)
     else:
-        await raw.delete(f"test:b:{sid}")
+        await raw.delete(f"test:b:{{{sid}}}")
     assert await storage.get(entry.key) is None
 
 
 async def test_redis_down_is_a_miss_not_an_error():
-    dead = RedisStorage(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5, failure_threshold=3, cooldown=0.3)
+    dead = RedisStorage(RedisLink(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5, failure_threshold=3, cooldown=0.3))
     entry = make_entry()
     await dead.put(entry)
     await dead.touch(entry)

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from pathlib import Path
 
+import orjson
 import pytest
 
+import moxy.cache.purges
 from moxy.cache.entry import Entry
 from moxy.cache.memory import MemoryStorage
 from moxy.cache.purges import PurgeLog
 from moxy.cache.tiered import TieredStorage
 from tests.entries import make_entry
+from tests.fakes.fleet import FakeChannel
 
 pytestmark = pytest.mark.anyio
 
@@ -144,3 +148,132 @@ async def test_a_purge_is_flushed_to_disk_before_it_counts(tmp_path: Path, flush
     log = PurgeLog(tmp_path / "purges.log")
     assert await log.record("https://img.example/a.png", 1_700_000_000.0)
     assert flushed
+
+
+# -- many hosts: the channel ------------------------------------------------------------
+
+
+def host(tmp_path: Path, name: str, channel: FakeChannel) -> PurgeLog:
+    return PurgeLog(tmp_path / name / "purges.log", channel)
+
+
+def log_lines(log: PurgeLog) -> list[dict[str, object]]:
+    return [orjson.loads(line) for line in log.path.read_bytes().splitlines()]
+
+
+async def test_a_purge_reaches_another_host_with_its_stream_id(tmp_path: Path) -> None:
+    channel = FakeChannel()
+    a, b = host(tmp_path, "a", channel), host(tmp_path, "b", channel)
+    assert await b.pull(channel, 0.0), "first contact: starts at the newest purge, written down as the cursor"
+    await a.record(URL, 200.0)
+    assert channel.entries[0][1] is not None and channel.entries[0][1].url == URL
+    assert await b.pull(channel, 0.0)
+    assert b.covers(entry(stored_at=150.0))
+    (record,) = [line for line in log_lines(b) if "url" in line]
+    assert record["id"] == "1-0" and record["url"] == URL and record["t"] == 200.0
+    worker = PurgeLog(b.path)  # another worker of host B reads it from the log
+    await worker.refresh()
+    assert worker.covers(entry(stored_at=150.0))
+
+
+async def test_a_hosts_own_purge_is_not_written_twice(tmp_path: Path) -> None:
+    channel = FakeChannel()
+    path = tmp_path / "a" / "purges.log"
+    follower, other_worker = PurgeLog(path, channel), PurgeLog(path, channel)
+    assert await follower.pull(channel, 0.0)
+    await other_worker.record(URL, 200.0)
+    assert await follower.pull(channel, 0.0)
+    assert follower.covers(entry(stored_at=150.0))
+    assert len([line for line in log_lines(follower) if "url" in line]) == 1, "one line per purge per host"
+    restarted = PurgeLog(path, channel)
+    assert await restarted.pull(channel, 0.0), "a restart replays from the cursor and skips it again"
+    assert len([line for line in log_lines(follower) if "url" in line]) == 1
+
+
+async def test_a_host_away_during_purges_replays_them_when_back(tmp_path: Path) -> None:
+    channel = FakeChannel()
+    a, b = host(tmp_path, "a", channel), host(tmp_path, "b", channel)
+    assert await b.pull(channel, 0.0)
+    channel.down = True
+    assert not await b.pull(channel, 0.0)
+    channel.down = False
+    for n in range(3):
+        await a.record(f"{URL}?v={n}", 200.0 + n)  # published while B was not reading
+    b_restarted = host(tmp_path, "b", channel)  # even across a restart: the cursor is in the log
+    assert await b_restarted.pull(channel, 0.0)
+    for n in range(3):
+        assert b_restarted.covers(entry(url=f"{URL}?v={n}", stored_at=150.0))
+
+
+async def test_a_first_follower_starts_at_the_newest_purge(tmp_path: Path) -> None:
+    channel = FakeChannel()
+    await host(tmp_path, "a", channel).record(URL, 200.0)
+    newcomer = host(tmp_path, "new", channel)
+    assert await newcomer.pull(channel, 0.0)
+    assert not newcomer.covers(entry(stored_at=150.0)), "an empty folder holds no copy an old purge could cover"
+    assert log_lines(newcomer) == [{"id": "1-0"}]
+
+
+async def test_a_damaged_record_is_passed_over(tmp_path: Path) -> None:
+    channel = FakeChannel()
+    b = host(tmp_path, "b", channel)
+    assert await b.pull(channel, 0.0)
+    channel.entries.append(("1-0", None))
+    await host(tmp_path, "a", channel).record(URL, 200.0)
+    assert await b.pull(channel, 0.0)
+    assert b.covers(entry(stored_at=150.0))
+
+
+async def test_a_purge_redis_did_not_take_is_sent_again(tmp_path: Path) -> None:
+    channel = FakeChannel()
+    channel.down = True
+    a = host(tmp_path, "a", channel)
+    assert await a.record(URL, 200.0), "logged here all the same"
+    assert a.covers(entry(stored_at=150.0))
+    channel.down = False
+    watcher = asyncio.create_task(a.watch(interval=0.01))
+    for _ in range(100):
+        if channel.entries:
+            break
+        await asyncio.sleep(0.01)
+    watcher.cancel()
+    assert [(i, r.url if r else None) for i, r in channel.entries] == [("1-0", URL)]
+
+
+async def test_one_follower_per_host(tmp_path: Path) -> None:
+    channel = FakeChannel()
+    path = tmp_path / "a" / "purges.log"
+    first, second = PurgeLog(path, channel), PurgeLog(path, channel)
+    assert first._lead() and first._lead()
+    assert not second._lead(), "the lock is held by the first worker"
+    await first.aclose()
+    assert channel.closed
+    assert second._lead(), "taken over once the first is gone"
+    await second.aclose()
+
+
+async def test_follow_reconnects_and_applies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(moxy.cache.purges, "BACKOFF_MAX", 0.05)
+    channel = FakeChannel()
+    b = host(tmp_path, "b", channel)
+    channel.down = True
+    follower = asyncio.create_task(b.follow(block=0.0))
+    await asyncio.sleep(0.2)
+    assert channel.reads == 0, "no tip yet: it keeps asking for one, backing off"
+    channel.down = False
+    for _ in range(200):
+        if channel.reads:
+            break
+        await asyncio.sleep(0.01)
+    await host(tmp_path, "a", channel).record(URL, 200.0)
+    for _ in range(200):
+        if b.covers(entry(stored_at=150.0)):
+            break
+        await asyncio.sleep(0.01)
+    follower.cancel()
+    assert b.covers(entry(stored_at=150.0))
+    await b.aclose()
+
+
+async def test_no_channel_no_follower(tmp_path: Path) -> None:
+    await PurgeLog(tmp_path / "purges.log").follow()  # returns at once
