@@ -4,6 +4,7 @@ The only module that imports jinja2 (an optional extra); it imports nothing from
 
 from __future__ import annotations
 
+import math
 import reprlib
 from collections.abc import Callable
 
@@ -37,7 +38,7 @@ def _check_expires(expires: object) -> float | None:
         return None
     if isinstance(expires, bool) or not isinstance(expires, int | float):
         raise TypeError(f"moxy: expires must be a number of seconds, got {_describe(expires)}")
-    if not expires > 0:  # also refuses NaN
+    if not (expires > 0 and math.isfinite(expires)):  # also refuses NaN, and infinity (no expiry fits it)
         raise ValueError(f"moxy: expires must be a positive number of seconds, got {expires!r}")
     return expires
 

@@ -379,6 +379,7 @@ def test_on_error_result_is_escaped() -> None:
         pytest.param(0, ValueError, id="zero"),
         pytest.param(-60, ValueError, id="negative"),
         pytest.param(math.nan, ValueError, id="nan"),
+        pytest.param(math.inf, ValueError, id="infinity"),
         pytest.param("3600", TypeError, id="string"),
         pytest.param(True, TypeError, id="bool"),
     ],
