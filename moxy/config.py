@@ -208,6 +208,13 @@ class Settings(BaseSettings):
         """This server's own address as a client on this host reaches it (a wildcard listener via loopback)."""
         return _local_url({"host": self.host, "port": self.port})
 
+    def local_admin_url(self) -> str:
+        """Where a client on this host reaches /metrics and /purge: the admin listener with MOXY_ADMIN_PORT, else
+        the main one."""
+        if self.admin_port is None:
+            return self.local_url()
+        return _local_url({"host": self.admin_host, "port": self.admin_port})
+
     @field_validator("workers", mode="before")
     @classmethod
     def _resolve_auto_workers(cls, value: Any) -> Any:
