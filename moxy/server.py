@@ -21,6 +21,7 @@ from uvicorn.server import ServerState
 from moxy import sending
 from moxy.config import Settings, load_settings
 from moxy.responses import SECURITY_HEADERS
+from moxy.routes import ADMIN_LISTENER
 
 if TYPE_CHECKING:
     from uvicorn._types import ASGIReceiveCallable, ASGISendCallable, Scope
@@ -102,7 +103,9 @@ class DrainState(ServerState):
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, with Moxy's bounds on the request head and on concurrent connections.
 
-    `limits` is normally this process's settings; tests construct the protocol with explicit ones."""
+    `limits` is normally this process's settings; tests construct the protocol with explicit ones. `admin`: the
+    connection came to the admin listener (MOXY_ADMIN_PORT), and each of its requests says so to the app in the
+    ASGI scope's extensions (moxy.routes.ADMIN_LISTENER)."""
 
     def __init__(
         self,
@@ -111,8 +114,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         app_state: dict[str, Any],
         _loop: asyncio.AbstractEventLoop | None = None,
         limits: ClientLimits | None = None,
+        admin: bool = False,
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
+        self.admin = admin
         self.limits = limits or process_limits()
         self.real_app = self.app
         # uvicorn's own concurrency answer carries no Cache-Control; Moxy checks the same counts in
@@ -219,6 +224,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        if self.admin:
+            self.scope["extensions"] = {ADMIN_LISTENER: {}}
         self.in_head = True
         self.head_started_in_chunk = True
         self.head_bytes = self.url_bytes = self.field_bytes = self.field_count = 0

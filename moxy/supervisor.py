@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
+import functools
 import os
 import selectors
 import signal
@@ -27,7 +29,16 @@ from uvicorn.config import STARTUP_FAILURE
 from moxy.errors import ConfigError
 from moxy.server import DrainState
 
-__all__ = ["GRACE_SECONDS", "Supervisor", "WorkerServer", "bind_to_supervisor", "listen", "run_worker", "supervise"]
+__all__ = [
+    "GRACE_SECONDS",
+    "Supervisor",
+    "WorkerServer",
+    "bind_to_supervisor",
+    "listen",
+    "listen_admin",
+    "run_worker",
+    "supervise",
+]
 
 # How long a stopping worker may take over the requests it holds (uvicorn's timeout_graceful_shutdown); past it the
 # worker cancels them. The supervisor waits this long and a little more before it kills a worker that hangs.
@@ -78,18 +89,27 @@ def bind_to_supervisor(supervisor_pid: int) -> str:
 class WorkerServer(uvicorn.Server):
     """uvicorn's Server in a supervised worker: it says when it serves, marks the drain for its connections
     (moxy.server.DrainState), serves what already waits in the listen queue before closing its copy of the listener,
-    and stops at once if its supervisor is gone."""
+    and stops at once if its supervisor is gone. With an `admin` listener (MOXY_ADMIN_PORT) it serves that too, its
+    connections marked as the admin listener's (moxy.server.BoundedHttpToolsProtocol's `admin`)."""
 
-    def __init__(self, config: uvicorn.Config, control: socket.socket) -> None:
+    def __init__(self, config: uvicorn.Config, control: socket.socket, admin: socket.socket | None = None) -> None:
         super().__init__(config)
         self.server_state = DrainState()
         self.control = control
+        self.admin = admin
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if not self.started:
             return
-        asyncio.get_running_loop().add_reader(self.control.fileno(), self._control_readable)
+        loop = asyncio.get_running_loop()
+        if self.admin is not None:
+            # Served before the worker says it is ready, so a reload never leaves the admin port without a worker.
+            admin = await loop.create_server(
+                lambda: self._protocol(admin=True), sock=self.admin, backlog=self.config.backlog
+            )
+            self.servers.append(admin)
+        loop.add_reader(self.control.fileno(), self._control_readable)
         with contextlib.suppress(OSError):  # a supervisor gone already: the reader above ends this worker
             self.control.sendall(READY)
 
@@ -112,26 +132,32 @@ class WorkerServer(uvicorn.Server):
         # Connections the kernel completed but nobody accepted yet die with the listening socket's last descriptor
         # (a reset to a client that did nothing wrong). Those waiting now are taken and served, and the listener
         # closed in the same step, with no await between: only a connection that arrives after that is refused.
-        waiting: list[socket.socket] = []
-        for listener in sockets or []:
+        waiting: list[tuple[socket.socket, bool]] = []
+        listeners = [(listener, False) for listener in sockets or []]
+        if self.admin is not None:
+            listeners.append((self.admin, True))
+        for listener, admin in listeners:
             with contextlib.suppress(OSError):
                 while True:
-                    waiting.append(listener.accept()[0])
+                    waiting.append((listener.accept()[0], admin))
         for server in self.servers:
             server.close()
         with contextlib.suppress(OSError):
             self.control.sendall(DRAINING)
-        for connection in waiting:
-            await loop.connect_accepted_socket(self._protocol, connection)
+        for connection, admin in waiting:
+            await loop.connect_accepted_socket(functools.partial(self._protocol, admin=admin), connection)
         await super().shutdown(sockets)
 
-    def _protocol(self) -> asyncio.Protocol:
-        # What uvicorn's startup gives its servers as the protocol factory, for a connection accepted by hand.
+    def _protocol(self, admin: bool = False) -> asyncio.Protocol:
+        # What uvicorn's startup gives its servers as the protocol factory, for a connection accepted by hand, and
+        # for the admin listener's (moxy.server.BoundedHttpToolsProtocol takes `admin`).
+        extra = {"admin": True} if admin else {}
         return self.config.http_protocol_class(  # type: ignore[call-arg]
             config=self.config,
             server_state=self.server_state,
             app_state=self.lifespan.state,
             _loop=asyncio.get_running_loop(),
+            **extra,
         )
 
 
@@ -139,8 +165,9 @@ def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
 
 
-def run_worker(config: uvicorn.Config, listen_fd: int, control_fd: int) -> None:
-    """Serve on the inherited listening socket until told to stop (SIGTERM or SIGINT: drain, then exit 0)."""
+def run_worker(config: uvicorn.Config, listen_fd: int, control_fd: int, admin_fd: int | None = None) -> None:
+    """Serve on the inherited listening socket (and the admin one, `admin_fd`) until told to stop (SIGTERM or
+    SIGINT: drain, then exit 0)."""
     # A terminal's hangup reaches the whole process group; reloading is the supervisor's to do, not the workers'.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     # uvicorn drains on SIGTERM/SIGINT, then raises the signal again with the handler in place before it started;
@@ -149,7 +176,8 @@ def run_worker(config: uvicorn.Config, listen_fd: int, control_fd: int) -> None:
     signal.signal(signal.SIGINT, _exit_cleanly)
     control = socket.socket(fileno=control_fd)
     listener = socket.socket(fileno=listen_fd)  # family and type read from the descriptor (TCP or Unix)
-    WorkerServer(config, control).run(sockets=[listener])
+    admin = socket.socket(fileno=admin_fd) if admin_fd is not None else None
+    WorkerServer(config, control, admin).run(sockets=[listener])
 
 
 # -- the supervisor side --------------------------------------------------------------------------------------------
@@ -159,11 +187,20 @@ def listen(host: str, port: int, fd: int | None) -> socket.socket:
     """The listening socket the workers share: the inherited descriptor `fd`, or host:port bound here."""
     if fd is not None:
         return socket.socket(fileno=fd)
+    return _bind(host, port, "MOXY_HOST", "MOXY_PORT")
+
+
+def listen_admin(host: str, port: int) -> socket.socket:
+    """The admin listener (MOXY_ADMIN_HOST:MOXY_ADMIN_PORT) the workers share, beside the main one."""
+    return _bind(host, port, "MOXY_ADMIN_HOST", "MOXY_ADMIN_PORT")
+
+
+def _bind(host: str, port: int, host_setting: str, port_setting: str) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         return socket.create_server((host, port), family=family, backlog=2048)
     except OSError as exc:
-        setting = "MOXY_PORT" if exc.errno == 98 else "MOXY_HOST"  # EADDRINUSE, else an address not on this host
+        setting = port_setting if exc.errno == errno.EADDRINUSE else host_setting  # else an address not on this host
         reason = exc.strerror or str(exc)  # a name that does not resolve has a negative errno: its own text
         raise ConfigError(setting, f"cannot listen on {host}:{port}: {reason}") from exc
 
@@ -191,9 +228,12 @@ class _Stop(Exception):
 class Supervisor:
     """N workers on one listening socket; SIGHUP rolls them over one at a time, SIGTERM/SIGINT drain and stop.
 
-    `command` starts one worker: the supervisor appends `--listen-fd`, `--control-fd` and `--supervisor`.
-    `preflight` re-reads and checks the settings before a reload (raising ConfigError): a configuration that
-    fails it is refused with one line and the running workers keep serving."""
+    `command` starts one worker: the supervisor appends `--listen-fd`, `--control-fd` and `--supervisor` (and
+    `--admin-fd` with an `admin` listener, which every worker serves beside the main one: any worker can answer for
+    all, as /metrics sums every worker's files and a purge reaches every worker through the purge log, and a reload
+    or a dead worker then never leaves the admin port unserved). `preflight` re-reads and checks the settings before
+    a reload (raising ConfigError): a configuration that fails it is refused with one line and the running workers
+    keep serving."""
 
     def __init__(
         self,
@@ -202,10 +242,12 @@ class Supervisor:
         command: Sequence[str],
         preflight: Callable[[], object],
         *,
+        admin: socket.socket | None = None,
         grace: float = GRACE_SECONDS,
         ready_timeout: float = READY_TIMEOUT_SECONDS,
     ) -> None:
         self.listener = listener
+        self.admin = admin
         self.count = workers
         self.command = list(command)
         self.preflight = preflight
@@ -278,10 +320,14 @@ class Supervisor:
             *("--control-fd", str(theirs.fileno())),
             *("--supervisor", str(os.getpid())),
         ]
+        passed = [self.listener.fileno(), theirs.fileno()]
+        if self.admin is not None:
+            command += ["--admin-fd", str(self.admin.fileno())]
+            passed.append(self.admin.fileno())
         try:
             # From this (the main) thread: Linux sends a worker's parent-death signal when the thread that forked it
             # ends, not only the process.
-            process = subprocess.Popen(command, pass_fds=(self.listener.fileno(), theirs.fileno()))
+            process = subprocess.Popen(command, pass_fds=passed)
         except BaseException:
             ours.close()
             raise
@@ -373,6 +419,8 @@ class Supervisor:
         # This process's copy of the listener first, so the workers' closes are the last: new connections are then
         # refused, while the connections already waiting are taken by the workers (WorkerServer.shutdown).
         self.listener.close()
+        if self.admin is not None:
+            self.admin.close()
         for worker in self.serving:
             self._retire(worker)
         self.serving = []
@@ -421,6 +469,8 @@ def supervise(
     workers: int,
     command: Sequence[str],
     preflight: Callable[[], object],
+    admin: socket.socket | None = None,
 ) -> int:
-    """Run `workers` workers on the `listening` socket (see `listen`), and return the exit code."""
-    return Supervisor(listening, workers, command, preflight).run()
+    """Run `workers` workers on the `listening` socket (see `listen`) and the `admin` one (`listen_admin`), and
+    return the exit code."""
+    return Supervisor(listening, workers, command, preflight, admin=admin).run()
