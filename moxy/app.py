@@ -166,8 +166,8 @@ class MoxyApp:
     @contextlib.asynccontextmanager
     async def lifespan(self, _: Starlette) -> AsyncIterator[None]:
         c = await open_components(self.plan)
-        memory, vary = c.tiers.memory, c.vary
-        memo = HitMemo(memory, c.purges, c.settings.forward_headers, vary) if memory is not None else None
+        memory = c.tiers.memory
+        memo = HitMemo(memory, c.purges, c.settings.forward_headers) if memory is not None else None
         inner = routes.router(c, on_hit=memo.learn if memo is not None else None)
         front = Hits(inner, memo, c.metrics, c.settings.access_log) if memo is not None else inner
         secret = c.settings.origin_secret

@@ -85,14 +85,12 @@ class HitMemo:
         memory: MemoryStorage,
         purges: PurgeLog | None,
         forward_headers: Sequence[str],
-        vary: str,
         clock: Callable[[], float] = time.time,
         max_bytes: int = MEMO_BYTES,
     ) -> None:
         self.memory = memory
         self.purges = purges
         self.forwarded = tuple(name.lower().encode("latin-1") for name in forward_headers)
-        self.vary = vary
         self.clock = clock
         # Bodies stay with the memory tier (held weakly here): what is bounded here is the keys and header fields,
         # counted in bytes, since a client chooses their length (forwarded header values, the URL).
@@ -158,7 +156,7 @@ class HitMemo:
         """Keep the plain HIT answer of a fresh entry the memory tier holds, prepared."""
         if not self.eligible(entry):
             return
-        fields = entry_fields(entry, CacheResult.HIT, vary=self.vary)
+        fields = entry_fields(entry, CacheResult.HIT)
         path, signed, values = key
         size = _ENTRY_OVERHEAD + len(path) + sum(len(name) + len(value) for name, value in signed)
         size += sum(len(value) for value in values) + sum(len(name) + len(value) for name, value in fields.fields)

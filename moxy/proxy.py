@@ -17,10 +17,10 @@ from cachetools import TTLCache
 
 from moxy.body import Body, OpenBody, digest_bytes, digest_file, offload
 from moxy.cache import Storage
-from moxy.cache.entry import BodyFile, Entry, make_key
+from moxy.cache.entry import BodyFile, Entry, make_key, variant_index
 from moxy.cache.freshness import Decision, FreshnessRules, assess, current_age, decide, is_storable, usable_on_error
 from moxy.cache.purges import PurgeLog
-from moxy.cache.vary import normalise
+from moxy.cache.vary import normalise, variant, vary_names
 from moxy.errors import DestinationRefused, ExpiredURL, MoxyError, UpstreamError, VerificationError
 from moxy.fields import valid_field_value
 from moxy.media import media_family
@@ -162,18 +162,20 @@ class Proxy:
         except (VerificationError, DestinationRefused) as exc:
             return Failed(exc, CacheResult.BYPASS)
         forwarded = self.forwarded_headers(request.headers)
+        # The request as the upstream sees it: what failures and uncacheable answers are remembered by.
         key = make_key(url, forwarded)
         mark = self._uncacheable.get(key)
         if mark is not None and not mark[1] and key not in self._negative:
             # The upstream answered this key uncacheably moments ago and no copy was stored then: while the mark
             # stands every request is fetched and none stored (see _coalesced), so a lookup (a disk stat, a Redis
             # round trip) could only find nothing. Fetching instead of serving a copy is always a correct answer.
-            return await self._coalesced(key, url, forwarded, None)
-        entry = await self.storage.get(key)
-        if entry is not None and self.purges is not None and self.purges.covers(entry):
-            # Purged through another worker (or as another variant): gone from every tier, here too.
-            await self.storage.delete(key)
-            entry = None
+            return await self._coalesced(key, key, url, forwarded, None)
+        # The entry: the URL's own, or, when its upstream answered with Vary, the variant the index names.
+        slot = make_key(url, ())
+        entry = await self._lookup(slot)
+        if entry is not None and entry.is_index:
+            slot = make_key(url, variant(entry.vary, forwarded))
+            entry = await self._lookup(slot)
         now = self.clock()
         if entry is not None:
             decision = decide(entry, now)
@@ -183,7 +185,7 @@ class Proxy:
                 if served is not None and verified.expires_at is not None:
                     served = replace(served, url_expires_at=verified.expires_at)
             elif decision is Decision.STALE_WHILE_REVALIDATE:
-                self._refresh_in_background(key, url, forwarded, entry)
+                self._refresh_in_background(slot, key, url, forwarded, entry)
                 served = await self._serve(entry, CacheResult.STALE, now, reason="stale-while-revalidate")
             if served is not None:
                 return served
@@ -195,7 +197,15 @@ class Proxy:
                 if served is not None:
                     return served
             return Failed(error, CacheResult.MISS, upstream_status=status)
-        return await self._coalesced(key, url, forwarded, entry)
+        return await self._coalesced(slot, key, url, forwarded, entry)
+
+    async def _lookup(self, slot: str) -> Entry | None:
+        entry = await self.storage.get(slot)
+        if entry is not None and self.purges is not None and self.purges.covers(entry):
+            # Purged through another worker (or another host): gone from every tier, here too.
+            await self.storage.delete(slot)
+            return None
+        return entry
 
     def forwarded_headers(self, headers: Mapping[str, str]) -> dict[str, str]:
         """The allowlisted client headers, normalised (Accept to its class): they go upstream and into the key."""
@@ -221,13 +231,20 @@ class Proxy:
             url = exc.url or url_or_moxy_url
         except VerificationError:
             url = url_or_moxy_url
+        primary = make_key(url, ())
+        # Read before the purge is recorded, which makes every tier's copy of the URL unreadable.
+        found = await self.storage.get(primary)
         if self.purges is not None:
             await self.purges.record(url, self.clock())
-        removed = 0
-        for forwarded in variants:
-            key = make_key(url, self.forwarded_headers(forwarded))
-            self._negative.pop(key, None)
-            removed += int(await self.storage.delete(key))
+        removed = int(await self.storage.delete(primary) and (found is None or not found.is_index))
+        slots = set()
+        for headers in variants:
+            forwarded = self.forwarded_headers(headers)
+            self._negative.pop(make_key(url, forwarded), None)
+            if found is not None and found.is_index:
+                slots.add(make_key(url, variant(found.vary, forwarded)))
+        for slot in slots:
+            removed += int(await self.storage.delete(slot))
         return removed, url
 
     async def aclose(self) -> None:
@@ -238,35 +255,58 @@ class Proxy:
 
     # -- coalescing ---------------------------------------------------------------
 
-    async def _coalesced(self, key: str, url: str, forwarded: dict[str, str], stale: Entry | None) -> Outcome:
+    async def _coalesced(
+        self,
+        slot: str,
+        key: str,
+        url: str,
+        forwarded: dict[str, str],
+        stale: Entry | None,
+        *,
+        rejoin: bool = True,
+    ) -> Outcome:
+        """The outcome of one fetch shared by every request for the entry `slot` (key: this request's own)."""
         if key in self._uncacheable:
             # The last answer for this key could not be stored: queueing behind one fetch would only serialise
             # the clients, so each fetches on its own.
             return await self._fetch_and_store(key, url, forwarded, stale, store=False)
-        task = self._inflight.get(key)
+        task = self._inflight.get(slot)
         if task is None:
             # The request that starts the fetch waits for it whatever it takes (the upstream timeouts bound it);
             # the lock timeout is for those queued behind someone else's fetch.
-            return await asyncio.shield(self._start(key, url, forwarded, stale))
+            return await asyncio.shield(self._start(slot, key, url, forwarded, stale))
         try:
             # shield: a client that goes away must not cancel the fetch the other waiters share.
-            return await asyncio.wait_for(asyncio.shield(task), timeout=self.lock_timeout)
+            outcome = await asyncio.wait_for(asyncio.shield(task), timeout=self.lock_timeout)
         except TimeoutError:
             return await self._fetch_and_store(key, url, forwarded, stale, store=False)
+        if isinstance(outcome, Served) and outcome.entry.vary:
+            # Shared before anyone knew the answer varies: it is this request's only if its own headers pick the
+            # same variant. Otherwise it joins (or starts) the fetch of its variant, once.
+            own = make_key(url, variant(outcome.entry.vary, forwarded))
+            if own != outcome.entry.key:
+                if not rejoin:
+                    return await self._fetch_and_store(key, url, forwarded, stale, store=False)
+                return await self._coalesced(own, key, url, forwarded, stale, rejoin=False)
+        return outcome
 
-    def _start(self, key: str, url: str, forwarded: dict[str, str], stale: Entry | None) -> asyncio.Task[Outcome]:
+    def _start(
+        self, slot: str, key: str, url: str, forwarded: dict[str, str], stale: Entry | None
+    ) -> asyncio.Task[Outcome]:
         task = asyncio.get_running_loop().create_task(self._fetch_and_store(key, url, forwarded, stale, store=True))
-        self._inflight[key] = task
-        task.add_done_callback(lambda done: self._inflight.pop(key, None) if self._inflight.get(key) is done else None)
+        self._inflight[slot] = task
+        task.add_done_callback(
+            lambda done: self._inflight.pop(slot, None) if self._inflight.get(slot) is done else None
+        )
         return task
 
-    def _refresh_in_background(self, key: str, url: str, forwarded: dict[str, str], stale: Entry) -> None:
-        if key in self._inflight:
+    def _refresh_in_background(self, slot: str, key: str, url: str, forwarded: dict[str, str], stale: Entry) -> None:
+        if slot in self._inflight:
             return
         remembered = self._negative.get(key)
         if remembered is not None and remembered.until > self.clock():
             return  # the last refresh failed moments ago: do not hammer a broken upstream
-        task = self._start(key, url, forwarded, stale)
+        task = self._start(slot, key, url, forwarded, stale)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -308,7 +348,7 @@ class Proxy:
     ) -> Outcome:
         status = response.status
         if status == 304 and stale is not None:
-            return await self._revalidated(stale, forwarded, response, elapsed)
+            return await self._revalidated(key, stale, forwarded, response, elapsed)
         if not 200 <= status < 300:
             error = UpstreamError(f"upstream-status-{status}", status=status)
             return await self._failure(key, stale, error, status, elapsed)
@@ -341,6 +381,7 @@ class Proxy:
             error = UpstreamError(verdict.reason, status=status)
             return await self._failure(key, stale, error, status, elapsed, detail=verdict.detail)
         now = self.clock()
+        names = vary_names(response.headers.get("vary", ""), self.forward_headers)
         fresh = assess(
             response.headers,
             request_time=response.request_time,
@@ -348,7 +389,7 @@ class Proxy:
             rules=self.freshness,
         )
         entry = Entry(
-            key=key,
+            key=make_key(url, variant(names or (), forwarded)),
             url=url,
             status=status,
             headers=tuple((name, value) for name, value in response.headers.items() if name in STORED_HEADERS),
@@ -363,12 +404,17 @@ class Proxy:
             last_modified=response.headers.get("last-modified"),
             digest=digest,
             length=response.length,
+            vary=names or (),
             body=body if isinstance(body, bytes) else BodyFile(response.body_path or "", 0, response.length),
         )
-        storable = is_storable(status, response.headers)
+        # `Vary: *`: no later request can be known to match this answer (RFC 9111 §4.1), so it is not kept.
+        storable = is_storable(status, response.headers) and names is not None
         if not storable:
             self._uncacheable[key] = (len(key) + _MARK_OVERHEAD, stale is not None)
         if storable and store:
+            if entry.vary:
+                # The index first: a reader that finds the variant's index a moment early only misses once more.
+                await self.storage.put(variant_index(entry, make_key(url, ())))
             await self.storage.put(entry)
             self._negative.pop(key, None)
         cache = CacheResult.MISS if storable else CacheResult.BYPASS
@@ -384,7 +430,7 @@ class Proxy:
         )
 
     async def _revalidated(
-        self, stale: Entry, forwarded: dict[str, str], response: UpstreamResponse, elapsed: float
+        self, key: str, stale: Entry, forwarded: dict[str, str], response: UpstreamResponse, elapsed: float
     ) -> Outcome:
         # RFC 9111 §4.3.4: the 304's headers update the stored ones; the body stays.
         merged = dict(stale.headers)
@@ -404,10 +450,10 @@ class Proxy:
             last_modified=response.headers.get("last-modified") or stale.last_modified,
         )
         await self.storage.touch(refreshed)
-        self._negative.pop(refreshed.key, None)
+        self._negative.pop(key, None)
         served = await self._serve(refreshed, CacheResult.REVALIDATED, self.clock())
         if served is None:
-            return await self._fetch_and_store(refreshed.key, refreshed.url, forwarded, None, store=True)
+            return await self._fetch_and_store(key, refreshed.url, forwarded, None, store=True)
         return replace(served, upstream_status=304, upstream_seconds=elapsed)
 
     async def _failure(

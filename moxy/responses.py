@@ -22,6 +22,7 @@ from starlette.types import Receive, Scope, Send
 from moxy.body import OpenBody
 from moxy.cache import Entry
 from moxy.cache.freshness import parse_http_date
+from moxy.cache.vary import vary_header
 from moxy.errors import (
     BadSignature,
     DestinationRefused,
@@ -198,9 +199,7 @@ _CACHE_STATUS = {
 }
 
 
-def entry_fields(
-    entry: Entry, cache: CacheResult, *, vary: str, stored: bool = True, reason: str | None = None
-) -> EntryFields:
+def entry_fields(entry: Entry, cache: CacheResult, *, stored: bool = True, reason: str | None = None) -> EntryFields:
     """The fixed header fields of an answer from `entry` (see EntryFields)."""
     headers = {name: value for name, value in entry.headers if name not in NOT_SENT and name != "content-type"}
     headers.update(SECURITY_HEADERS)
@@ -216,8 +215,9 @@ def entry_fields(
     )
     headers["accept-ranges"] = "bytes"
     headers["surrogate-key"] = surrogate_key(entry.url)
-    if vary:
-        headers["vary"] = vary
+    if entry.vary:
+        # Only what this entry depends on: with no Vary upstream, one copy serves every client, at a CDN too.
+        headers["vary"] = vary_header(entry.vary)
     headers["x-moxy-cache"] = cache.value
     headers["content-type"] = _media_type(entry)
     return EntryFields(
@@ -401,9 +401,9 @@ class _AnswerResponse(Response):
         await self.answer(scope, receive, send)
 
 
-def answer(method: str, headers: Mapping[str, str], served: Served, vary: str) -> Answer:
+def answer(method: str, headers: Mapping[str, str], served: Served) -> Answer:
     """The answer to a GET or HEAD (`method`, request `headers`) from a served entry: 200, 206, 304 or 416."""
-    fields = entry_fields(served.entry, served.cache, vary=vary, stored=served.stored, reason=served.reason)
+    fields = entry_fields(served.entry, served.cache, stored=served.stored, reason=served.reason)
     sent = hit_headers(fields, served.age)
     if _not_modified(headers, served):
         return Answer(304, [field for field in sent if field[0] != b"content-type"])
@@ -432,6 +432,6 @@ def answer(method: str, headers: Mapping[str, str], served: Served, vary: str) -
     return Answer(status, sent, served.body, start, end)
 
 
-def render(request: Request, served: Served, vary: str) -> Response:
+def render(request: Request, served: Served) -> Response:
     """answer() for a Starlette Request, as a Response."""
-    return answer(request.method, request.headers, served, vary).as_response()
+    return answer(request.method, request.headers, served).as_response()

@@ -79,7 +79,7 @@ class Components:
 
     @property
     def vary(self) -> str:
-        """The Vary of every answer that depends on the forwarded headers."""
+        """The Vary of an upstream's error answer: it was made for the forwarded headers as they were sent."""
         return ", ".join(self.settings.forward_headers)
 
 
@@ -138,7 +138,7 @@ class _Endpoints:
             query = scope["query_string"].decode("latin-1")
             outcome = await self.components.proxy.handle(ProxyRequest(path=scope["path"], query=query, headers=headers))
             if isinstance(outcome, Served):
-                reply = answer(method, headers, outcome, self.vary)
+                reply = answer(method, headers, outcome)
                 if outcome.cache is CacheResult.HIT and not head and reply.status == 200 and self.on_hit:
                     self.on_hit(scope, outcome)
                 reason = outcome.reason

@@ -25,6 +25,7 @@ __all__ = [
     "encode_entry",
     "make_key",
     "storage_id",
+    "variant_index",
 ]
 
 
@@ -69,7 +70,15 @@ class Entry:
     digest: str
     length: int
     verdict: str = "accepted"
+    # The forwarded request headers this entry depends on (the upstream's Vary, see moxy.cache.vary); empty for
+    # the common case, one entry for every client.
+    vary: tuple[str, ...] = ()
     body: bytes | BodyFile = b""
+
+    @property
+    def is_index(self) -> bool:
+        """Whether this is a variant index (see variant_index), which is never served."""
+        return self.status == INDEX_STATUS
 
     def header(self, name: str) -> str | None:
         """The stored value of header `name` (case-insensitive), or None."""
@@ -110,8 +119,33 @@ class Entry:
         )
 
 
+# No HTTP status is 0: it marks an index, so nothing that reads a status can take one for an answer.
+INDEX_STATUS = 0
+_EMPTY_DIGEST = hashlib.sha256(b"").hexdigest()
+
+
+def variant_index(variant: Entry, primary_key: str) -> Entry:
+    """The entry kept at a URL's primary key once its upstream answered with Vary: no body, only the names of the
+    headers the variants depend on (RFC 9111 §4.1), so a lookup knows which secondary key to read next. It lives
+    as long as the variant it came with, so the tiers keep it while that variant can still be served."""
+    return replace(
+        variant,
+        key=primary_key,
+        status=INDEX_STATUS,
+        headers=(),
+        etag=None,
+        last_modified=None,
+        digest=_EMPTY_DIGEST,  # tiers check a body against its digest; an index's is the empty one
+        length=0,
+        verdict="index",
+        body=b"",
+    )
+
+
 _WHITESPACE = re.compile(r"[ \t\r\n]+")
-KEY_VERSION = "moxy-key-1"
+# Bumped when what a key means changes: v2 keys a URL alone unless its entry varies (older keys named every
+# forwarded header), so entries of another meaning are never read as this one's.
+KEY_VERSION = "moxy-key-2"
 
 
 def _field(text: str) -> str:
@@ -120,7 +154,8 @@ def _field(text: str) -> str:
 
 
 def make_key(url: str, forwarded: Mapping[str, str] | Iterable[tuple[str, str]]) -> str:
-    """The full cache key of a request: URL plus every forwarded request header.
+    """The full cache key of a request: URL plus the forwarded request headers its entry depends on (none for the
+    primary key, the names the upstream's Vary gave for a secondary one).
 
     Names are lowercased and sorted (stable, so repeated headers keep their order); values have
     surrounding whitespace removed and inner runs collapsed to one space (RFC 9110 §5.5 makes them
@@ -167,6 +202,7 @@ def _metadata(entry: Entry, inline: bool) -> dict[str, Any]:
         "digest": entry.digest,
         "length": entry.length,
         "verdict": entry.verdict,
+        "vary": list(entry.vary),
         "inline": inline,
     }
 
@@ -234,6 +270,9 @@ def decode_entry(blob: bytes) -> Entry:
     ):
         raise CorruptEntry("a stored field is not a sendable HTTP field")
     length = _typed(meta, "length", int)
+    vary = _typed(meta, "vary", list)
+    if not all(isinstance(name, str) and valid_field_name(name) for name in vary):
+        raise CorruptEntry("field 'vary' malformed")
     inline = _typed(meta, "inline", bool)
     if inline and body_length != length:
         raise CorruptEntry("inline body length differs from the entry length")
@@ -254,5 +293,6 @@ def decode_entry(blob: bytes) -> Entry:
         digest=_typed(meta, "digest", str),
         length=length,
         verdict=_typed(meta, "verdict", str),
+        vary=tuple(vary),
         body=bytes(view[_HEAD.size + meta_length : end]) if inline else b"",
     )

@@ -1,4 +1,8 @@
-"""Which request headers make a variant, and in what form (pure, stdlib only).
+"""Secondary cache keys (RFC 9111 §4.1): which request headers make a variant, and in what form (pure, stdlib only).
+
+An upstream URL has one entry for every client unless the upstream's answer carries `Vary`; then the entry depends
+on the forwarded headers that Vary names (vary_names), keyed by their normalised values (variant). A header Moxy
+never forwards needs no key: the upstream never saw it, so its answer cannot depend on it.
 
 A forwarded header is part of the cache key and goes upstream, so its value space is the number of variants a
 client can make Moxy fetch and keep. `Accept` is reduced to a few classes first: a thousand browser strings ask
@@ -7,7 +11,20 @@ upstream fetches and cache entries at will."""
 
 from __future__ import annotations
 
-__all__ = ["ACCEPT_CLASSES", "AVIF", "AVIF_WEBP", "JSON", "WEBP", "accept_class", "normalise"]
+from collections.abc import Iterable, Mapping
+
+__all__ = [
+    "ACCEPT_CLASSES",
+    "AVIF",
+    "AVIF_WEBP",
+    "JSON",
+    "WEBP",
+    "accept_class",
+    "normalise",
+    "variant",
+    "vary_header",
+    "vary_names",
+]
 
 ANY = "*/*"
 # The classes, as they are sent upstream and keyed. Order matters: the first that fits wins.
@@ -61,3 +78,24 @@ def normalise(name: str, value: str) -> str:
     if name == "accept" and value:
         return accept_class(value)
     return value
+
+
+def vary_names(vary: str, forwarded: Iterable[str]) -> tuple[str, ...] | None:
+    """The forwarded header names (lowercase, sorted) an answer carrying `Vary: vary` depends on; None for
+    `Vary: *`, which no stored copy can satisfy (RFC 9111 §4.1), so such an answer is not stored."""
+    named = {name.strip(" \t").lower() for name in vary.split(",")}
+    named.discard("")
+    if "*" in named:
+        return None
+    return tuple(sorted(named.intersection(name.lower() for name in forwarded)))
+
+
+def variant(names: Iterable[str], forwarded: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """The secondary key of a request: each name's normalised forwarded value, "" when the request had none
+    (an absent header is a variant of its own, as the upstream answers it differently too)."""
+    return tuple((name, forwarded.get(name, "")) for name in names)
+
+
+def vary_header(names: Iterable[str]) -> str:
+    """`Vary` as Moxy sends it: the headers an entry depends on, in their usual spelling."""
+    return ", ".join("-".join(part.capitalize() for part in name.split("-")) for name in names)

@@ -18,6 +18,7 @@ from moxy.cache.entry import (
     encode_entry,
     make_key,
     storage_id,
+    variant_index,
 )
 from moxy.errors import MoxyError
 from tests.entries import make_entry as entry_of
@@ -202,6 +203,8 @@ def _good_meta() -> dict[str, object]:
         {"must_revalidate": 1},
         {"inline": True},  # says the body is inline but none is there
         {"key": None},
+        {"vary": "accept"},
+        {"vary": ["a\r\nb"]},  # never a field name Moxy could send in Vary
     ],
 )
 def test_well_checksummed_but_malformed_metadata_is_refused(change):
@@ -219,3 +222,14 @@ def test_good_forged_metadata_decodes():
 def test_foreign_bytes_are_refused(blob):
     with pytest.raises(CorruptEntry):
         decode_entry(blob)
+
+
+def test_a_variant_index_round_trips_through_the_encoding_and_is_never_an_answer() -> None:
+    variant = entry_of(body=b"png bytes", accept="image/webp,*/*", vary=("accept",))
+    index = variant_index(variant, make_key(variant.url, ()))
+    assert index.is_index and not variant.is_index
+    assert (index.length, index.body, index.headers, index.vary) == (0, b"", (), ("accept",))
+    assert index.digest == hashlib.sha256(b"").hexdigest()
+    decoded = decode_entry(encode_entry(index))
+    assert decoded == index and decoded.is_index
+    assert decode_entry(encode_entry(variant)).vary == ("accept",)

@@ -54,7 +54,7 @@ async def setup(
     memory = MemoryStorage(1 << 20, 1 << 20)
     clock = Clock(now)
     purges = PurgeLog(tmp_path / "purges.log")
-    memo = HitMemo(memory, purges, ["Accept"], "Accept", clock)
+    memo = HitMemo(memory, purges, ["Accept"], clock)
     if stored is not None:
         await memory.put(stored)
     return memo, memory, clock, purges
@@ -81,7 +81,7 @@ async def test_prepared_answer_is_the_full_flows_answer_at_the_current_age(tmp_p
     headers = prepared.headers_at(current_age(held, now))
     assert dict(headers)[b"age"] == b"15"  # 5 s old when stored, 10 s resident
     assert dict(headers)[b"cache-status"] == b"moxy; hit; ttl=85"
-    full = render(_get(), Served(stored, BODY, CacheResult.HIT, age=current_age(stored, now)), "Accept")
+    full = render(_get(), Served(stored, BODY, CacheResult.HIT, age=current_age(stored, now)))
     assert headers == full.raw_headers
 
 
@@ -203,7 +203,7 @@ async def test_junk_query_parameters_share_one_key(tmp_path: Path) -> None:
 
 async def test_the_memo_is_bounded_in_bytes_whatever_clients_send(tmp_path: Path) -> None:
     memory = MemoryStorage(1 << 24, 1 << 20)
-    memo = HitMemo(memory, None, ["Accept"], "Accept", Clock(1000.0), max_bytes=256 * 1024)
+    memo = HitMemo(memory, None, ["Accept"], Clock(1000.0), max_bytes=256 * 1024)
     stored = entry()
     await memory.put(stored)
     for number in range(2_000):
@@ -331,7 +331,7 @@ def test_the_memo_answers_exactly_what_the_full_flow_answers(base: tuple[routes.
         )
         accept = normalise("accept", stored_accept) if stored_accept else None
         stored = make_entry(URL, body, accept=accept, headers=stored_headers, stored_at=1_750_000_000.0, **entry_fields)
-        etag = render(_get(), Served(stored, body, CacheResult.HIT, age=0.0), "Accept").headers["etag"].encode()
+        etag = render(_get(), Served(stored, body, CacheResult.HIT, age=0.0)).headers["etag"].encode()
         # The first request asks for the stored variant plainly, so the memo learns whenever the entry is fresh.
         plain = [(b"accept", stored_accept.encode())] if stored_accept is not None else []
         if asking == "repeated":
@@ -377,7 +377,7 @@ def test_the_memo_answers_exactly_what_the_full_flow_answers(base: tuple[routes.
                 )
                 app: Any = routes.router(running)
                 if memo_in_front:
-                    memos.append(CountingMemo(memory, purges, ["Accept"], "Accept", clock))
+                    memos.append(CountingMemo(memory, purges, ["Accept"], clock))
                     app = Hits(routes.router(running, on_hit=memos[0].learn), memos[0], running.metrics, False)
                 stacks.append((app, proxy, memory, purges))
             warm = [await _ask(app, "GET", target, plain) for app, *_ in stacks]

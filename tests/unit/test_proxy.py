@@ -22,7 +22,7 @@ from moxy.cache import DiskStorage, MemoryStorage, Storage, make_key
 from moxy.cache.entry import Entry
 from moxy.cache.freshness import FreshnessRules
 from moxy.cache.purges import PurgeLog
-from moxy.cache.vary import JSON as ACCEPT_JSON_CLASS
+from moxy.cache.vary import ACCEPT_CLASSES, JSON as ACCEPT_JSON_CLASS, normalise
 from moxy.errors import BadSignature, DestinationRefused, ExpiredURL, UpstreamError, UpstreamTimeout
 from moxy.policy import DestinationPolicy
 from moxy.proxy import CacheResult, Failed, Outcome, Proxy, ProxyRequest, Served
@@ -39,6 +39,8 @@ START = 1_700_000_000.0
 MiB = 1024 * 1024
 JSON = "application/json"
 JSON_ACCEPT = ACCEPT_JSON_CLASS  # an Accept already in its normalised form, so the test's keys match the proxy's
+# An upstream whose answer depends on Accept: each class is an entry of its own (a secondary key).
+VARYING = {"content-type": JSON, "cache-control": "max-age=60", "vary": "Accept"}
 GOOD = JSON_BODY  # what the fake upstream answers unless told otherwise
 NEWER = orjson.dumps([{"id": 3, "title": "newer"}])
 WP_ERROR = orjson.dumps(
@@ -201,9 +203,10 @@ async def test_miss_then_hit_without_a_second_fetch(make_rig: MakeRig) -> None:
     assert entry.header("content-type") == JSON
 
 
-async def test_forwarded_accept_goes_upstream_normalised_and_keys_the_cache(make_rig: MakeRig) -> None:
+async def test_forwarded_accept_goes_upstream_normalised_and_keys_a_varying_answer(make_rig: MakeRig) -> None:
     rig = make_rig()
-    rig.upstream.then(Answer(body=GOOD)).then(Answer(body=NEWER))
+    varying = {"content-type": JSON, "cache-control": "max-age=60", "vary": "Accept"}
+    rig.upstream.then(Answer(body=GOOD, headers=varying)).then(Answer(body=NEWER, headers=varying))
 
     plain = served(await rig.get())
     webp = served(await rig.get(accept="  image/webp,   */*  ", cookie="session=secret"))
@@ -214,6 +217,114 @@ async def test_forwarded_accept_goes_upstream_normalised_and_keys_the_cache(make
     again = served(await rig.get(accept="image/webp, */*"))
     assert (again.cache, body_of(again)) == (CacheResult.HIT, NEWER), "same variant after normalisation"
     assert len(rig.upstream.calls) == 2
+    index = await rig.stored()
+    assert index is not None and index.is_index and index.vary == ("accept",) and index.body == b""
+    assert webp.entry.key == make_key(URL, {"accept": "image/webp,*/*"}) and webp.entry.vary == ("accept",)
+
+
+# Five browsers' image Accept strings (Chromium, Firefox, Safari, an old Edge, curl): three classes.
+BROWSER_ACCEPTS = (
+    "image/avif,image/webp,image/apng,image/svg+xml,image/*,*/*;q=0.8",
+    "image/avif,image/webp,*/*",
+    "image/webp,image/png,image/svg+xml,image/*;q=0.8,video/*;q=0.8,*/*;q=0.5",
+    "image/webp,*/*",
+    "*/*",
+)
+
+
+async def test_an_answer_without_vary_is_one_entry_for_every_client(make_rig: MakeRig) -> None:
+    rig = make_rig()
+    rig.upstream.then(Answer(body=GOOD))
+
+    outcomes = [served(await rig.get(accept=accept)) for accept in BROWSER_ACCEPTS]
+    assert len(rig.upstream.calls) == 1
+    assert [outcome.cache for outcome in outcomes] == [CacheResult.MISS] + [CacheResult.HIT] * 4
+    assert {outcome.entry.key for outcome in outcomes} == {make_key(URL, ())}
+    assert all(outcome.entry.vary == () for outcome in outcomes)
+
+
+async def test_a_vary_on_a_header_never_forwarded_needs_no_key(make_rig: MakeRig) -> None:
+    rig = make_rig()
+    rig.upstream.then(Answer(body=GOOD, headers={"content-type": JSON, "vary": "Cookie, User-Agent"}))
+
+    first, second = served(await rig.get(accept="image/webp")), served(await rig.get(accept="*/*"))
+    assert (first.cache, second.cache, len(rig.upstream.calls)) == (CacheResult.MISS, CacheResult.HIT, 1)
+    assert first.entry.vary == ()
+
+
+async def test_vary_star_is_served_but_never_stored(make_rig: MakeRig) -> None:
+    rig = make_rig()
+    rig.upstream.then(Answer(body=GOOD, headers={"content-type": JSON, "vary": "Accept, *"}))
+    rig.upstream.then(Answer(body=NEWER, headers={"content-type": JSON, "vary": "*"}))
+
+    first, second = served(await rig.get()), served(await rig.get())
+    assert (first.cache, second.cache) == (CacheResult.BYPASS, CacheResult.BYPASS)
+    assert (body_of(first), body_of(second)) == (GOOD, NEWER)
+    assert await rig.stored() is None
+
+
+async def test_an_upstream_that_stops_varying_gets_one_entry_again(make_rig: MakeRig) -> None:
+    rig = make_rig()
+    varying = {"content-type": JSON, "cache-control": "max-age=60", "vary": "accept"}
+    rig.upstream.then(Answer(body=GOOD, headers=varying))
+    rig.upstream.then(Answer(body=NEWER, headers={"content-type": JSON, "cache-control": "max-age=60"}))
+
+    assert body_of(served(await rig.get(accept="image/webp"))) == GOOD
+    rig.clock.advance(61 + RULES.stale_while_revalidate)
+    # The variant is stale; the refetch answers without Vary, and its entry replaces the index.
+    refreshed = served(await rig.get(accept="image/webp"))
+    assert (refreshed.cache, body_of(refreshed)) == (CacheResult.MISS, NEWER)
+    primary = await rig.stored()
+    assert primary is not None and not primary.is_index and primary.body == NEWER
+    assert served(await rig.get(accept="*/*")).cache is CacheResult.HIT
+    assert len(rig.upstream.calls) == 2
+
+
+async def test_concurrent_cold_requests_of_every_class_share_one_fetch_unless_the_answer_varies(
+    make_rig: MakeRig,
+) -> None:
+    rig = make_rig()
+    gate = asyncio.Event()
+    rig.upstream.then(Answer(body=GOOD), gate=gate)
+    tasks = [asyncio.create_task(rig.get(accept=accept)) for accept in BROWSER_ACCEPTS * 4]
+    await until(lambda: len(rig.upstream.calls) == 1)
+    gate.set()
+    results = [served(outcome) for outcome in await asyncio.gather(*tasks)]
+    assert len(rig.upstream.calls) == 1 and {body_of(result) for result in results} == {GOOD}
+
+    # Another URL whose upstream varies: the waiters of another class learn it from the shared answer and fetch
+    # their own variant, once per class (never the first class's body).
+    other = "https://img.example.com/varying.png"
+    varying = {"content-type": JSON, "cache-control": "max-age=60", "vary": "Accept"}
+    gate = asyncio.Event()
+    rig.upstream.then(Answer(body=GOOD, headers=varying), gate=gate)
+    rig.upstream.then(Answer(body=NEWER, headers=varying)).then(Answer(body=NEWER, headers=varying))
+    tasks = [asyncio.create_task(rig.get(other, accept=accept)) for accept in BROWSER_ACCEPTS * 4]
+    await until(lambda: len(rig.upstream.calls) == 2)
+    gate.set()
+    results = [served(outcome) for outcome in await asyncio.gather(*tasks)]
+    classes = {call.headers.get("accept") for call in rig.upstream.calls[1:]}
+    assert len(rig.upstream.calls) == 4 and len(classes) == 3, rig.upstream.calls
+    first_class = rig.upstream.calls[1].headers.get("accept")
+    for accept, result in zip(BROWSER_ACCEPTS * 4, results, strict=True):
+        expected = GOOD if normalise("accept", accept) == first_class else NEWER
+        assert body_of(result) == expected and result.entry.vary == ("accept",)
+
+
+async def test_purge_counts_every_variant_and_the_plain_entry(make_rig: MakeRig) -> None:
+    rig = make_rig()
+    varying = {"content-type": JSON, "cache-control": "max-age=60", "vary": "Accept"}
+    for _ in range(3):
+        rig.upstream.then(Answer(body=GOOD, headers=varying))
+    rig.upstream.then(Answer(body=GOOD))
+    for accept in ("image/avif,image/webp,*/*", "image/webp,*/*", "*/*"):
+        await rig.get(accept=accept)
+    await rig.get("https://img.example.com/plain.png")
+
+    every_class = tuple({"accept": accept} for accept in ACCEPT_CLASSES)
+    assert (await rig.proxy.purge(URL, ({}, *every_class)))[0] == 3
+    assert (await rig.proxy.purge("https://img.example.com/plain.png", ({}, *every_class)))[0] == 1
+    assert await rig.stored() is None
 
 
 # -- coalescing ----------------------------------------------------------------------------------------
@@ -629,7 +740,7 @@ async def test_purge_removes_the_entry(make_rig: MakeRig, by: str) -> None:
 
 async def test_purge_reaches_other_variants_through_the_log(make_rig: MakeRig) -> None:
     rig = make_rig()
-    rig.upstream.then(Answer(body=GOOD)).then(Answer(body=GOOD))
+    rig.upstream.then(Answer(body=GOOD, headers=VARYING)).then(Answer(body=GOOD, headers=VARYING))
     served(await rig.get())
     served(await rig.get(accept=JSON_ACCEPT))
 
@@ -637,7 +748,7 @@ async def test_purge_reaches_other_variants_through_the_log(make_rig: MakeRig) -
     assert await rig.stored(accept=JSON_ACCEPT) is not None
 
     rig.clock.advance(1)
-    rig.upstream.then(Answer(body=NEWER))
+    rig.upstream.then(Answer(body=NEWER, headers=VARYING))
     variant = served(await rig.get(accept=JSON_ACCEPT))
     assert (variant.cache, body_of(variant)) == (CacheResult.MISS, NEWER)
     assert rig.upstream.calls[-1] == Call(URL, {"accept": JSON_ACCEPT})
@@ -648,7 +759,7 @@ async def test_purge_through_another_worker_stops_the_memory_copy(make_rig: Make
     log_path = tmp_path / "shared" / "purges.log"
     first = make_rig(clock=clock, purges=PurgeLog(log_path))
     second = make_rig(clock=clock, purges=PurgeLog(log_path))
-    first.upstream.then(Answer(body=GOOD)).then(Answer(body=GOOD))
+    first.upstream.then(Answer(body=GOOD, headers=VARYING)).then(Answer(body=GOOD, headers=VARYING))
     served(await first.get())
     served(await first.get(accept=JSON_ACCEPT))
 
@@ -659,7 +770,7 @@ async def test_purge_through_another_worker_stops_the_memory_copy(make_rig: Make
     assert first.purges is not None
     await first.purges.refresh()
     clock.advance(1)
-    first.upstream.then(Answer(body=NEWER)).then(Answer(body=NEWER))
+    first.upstream.then(Answer(body=NEWER, headers=VARYING)).then(Answer(body=NEWER, headers=VARYING))
     for headers in ({}, {"accept": JSON_ACCEPT}):
         outcome = served(await first.get(**headers))
         assert (outcome.cache, body_of(outcome)) == (CacheResult.MISS, NEWER)
