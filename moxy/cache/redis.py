@@ -106,6 +106,16 @@ class RedisLink:
         self._gate.succeeded(_REDIS)
         return result
 
+    def observed(self, ok: bool) -> None:
+        """Count the outcome of a call made outside `guarded` (the purge stream's blocking read). That reader keeps
+        trying in the background, so it, not a client's request, is what finds a dead Redis back and closes the
+        breaker again; while Redis stays down its failures keep the breaker open."""
+        if ok:
+            self._gate.succeeded(_REDIS)
+        else:
+            self.errors += 1
+            self._gate.failed(_REDIS)
+
     def is_down(self) -> bool:
         """Whether the breaker refuses calls right now (nothing is sent to find out)."""
         return self._gate.is_open(_REDIS)
@@ -323,7 +333,9 @@ class RedisFleet:
         try:
             answer = await self._reader.xread({self.stream: after}, count=1000, block=max(1, int(block * 1000)))
         except _FAILURES:
+            self.link.observed(False)
             return None
+        self.link.observed(True)
         found: list[tuple[str, PurgeRecord | None]] = []
         for _stream, entries in _stream_entries(answer):
             for raw_id, fields in entries:

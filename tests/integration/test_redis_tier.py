@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
-import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -16,7 +14,7 @@ from redis.asyncio import Redis
 from moxy.cache import BodyFile, DiskStorage, Entry, MemoryStorage, TieredStorage, make_key, storage_id
 from moxy.cache.redis import RedisLink, RedisStorage
 from tests.entries import make_entry as entry_of
-from tests.integration.servers import require_binary
+from tests.integration.redis_servers import RedisServer
 from tests.net import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
@@ -24,40 +22,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    redis_server = require_binary("redis-server", "/usr/bin/redis-server")
-    folder = tmp_path_factory.mktemp("redis")
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            redis_server,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(folder),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail("redis-server did not start")
-                time.sleep(0.02)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server.url
 
 
 @pytest.fixture
