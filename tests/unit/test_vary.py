@@ -5,7 +5,19 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from moxy.cache.vary import ACCEPT_CLASSES, ANY, AVIF, AVIF_WEBP, JSON, WEBP, accept_class, normalise
+from moxy.cache.vary import (
+    ACCEPT_CLASSES,
+    ANY,
+    AVIF,
+    AVIF_WEBP,
+    JSON,
+    WEBP,
+    accept_class,
+    normalise,
+    variant,
+    vary_header,
+    vary_names,
+)
 
 
 @pytest.mark.parametrize(
@@ -43,3 +55,29 @@ def test_normalise_leaves_other_headers_whitespace_normalised() -> None:
 def test_any_accept_is_one_of_a_few_classes(accept: str) -> None:
     # The bound that matters: however many distinct strings clients send, Moxy fetches and keeps this many variants.
     assert accept_class(accept) in ACCEPT_CLASSES
+
+
+@pytest.mark.parametrize(
+    ("vary", "names"),
+    [
+        ("", ()),
+        ("Accept", ("accept",)),
+        (" accept ,\tACCEPT", ("accept",)),
+        ("Accept-Encoding, Cookie", ()),  # never forwarded: the upstream never saw them, nothing to key on
+        ("Accept-Language, Accept", ("accept", "accept-language")),
+        ("Accept, *", None),  # RFC 9111 §4.1: no stored answer can match
+        (",,", ()),
+    ],
+)
+def test_vary_names_what_an_entry_depends_on(vary: str, names: tuple[str, ...] | None) -> None:
+    assert vary_names(vary, ("Accept", "accept-language")) == names
+
+
+def test_a_variant_keys_an_absent_header_as_empty() -> None:
+    assert variant(("accept", "accept-language"), {"accept": WEBP}) == (("accept", WEBP), ("accept-language", ""))
+    assert variant((), {"accept": WEBP}) == ()
+
+
+def test_vary_header_spells_names_as_usual() -> None:
+    assert vary_header(("accept", "accept-language")) == "Accept, Accept-Language"
+    assert vary_header(()) == ""
