@@ -56,7 +56,7 @@ def test_warm_signs_fetches_counts_and_fails_on_errors(
         f"{origin.url('/a.png')}\n\n{origin.url('/b.png')}\n{moxy.sign(origin.url('/c.png'))}\n"
         f"{origin.url('/missing.png')}\n{origin.url('/page.png')}\n"
     )
-    first = warm(str(listed), "--concurrency", "3", stdin="", moxy=moxy)
+    first = warm(str(listed), "--concurrency", "3", "-H", "Accept: image/webp,*/*", stdin="", moxy=moxy)
     assert first.returncode == 1, first.stderr
     assert summary(first.stdout) == {"MISS": 3, "error 404": 1, "error 502": 1}
     assert first.stdout.strip().splitlines()[-1].startswith("5 URLs in ")
@@ -67,6 +67,8 @@ def test_warm_signs_fetches_counts_and_fails_on_errors(
         f"moxy: error 502: {origin.url('/page.png')} (content-type)",
     ], first.stderr
     assert "warming" in first.stderr  # click's progress bar (its label alone when stderr is no terminal)
+    # The header given is sent: Moxy forwards its class of Accept, so warm can fill the variant browsers ask for.
+    assert {r.headers.get("accept") for r in origin.requests if r.path == "/a.png"} == {"image/webp,*/*"}
 
     # From standard input, once more: everything good is now a hit, and the origin saw each picture once.
     again = warm("-", stdin=f"{origin.url('/a.png')}\n{moxy.sign(origin.url('/b.png'))}\n", moxy=moxy)
