@@ -67,27 +67,24 @@ Claim = Lead | Filled | Alone
 
 class FleetLocks:
     """`ttl`: how long a lock lives if its holder never releases it (a crashed host), and so the longest a host
-    waits for another's fetch. `shared`: reads the key from the storage the fetching host writes to (the tiers,
-    Redis among them)."""
+    waits for another's fetch."""
 
     def __init__(
         self,
         port: LockPort,
-        shared: Callable[[str], Awaitable[Entry | None]],
         *,
         ttl: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.port = port
-        self.shared = shared
         self.ttl = ttl
         self.clock = clock
         self.sleep = sleep
 
-    async def claim(self, key: str, wait: float | None = None) -> Claim:
-        """Take the lock for `key`, or wait (at most `wait` seconds, at most the lock's life) for the host
-        that holds it and return its entry."""
+    async def claim(self, key: str, stored: Callable[[], Awaitable[Entry | None]], wait: float | None = None) -> Claim:
+        """Take the lock for the storage key `key`, or wait (at most `wait` seconds, at most the lock's life) for the
+        host that holds it and return what `stored` then reads (the tiers, Redis among them, where that host wrote)."""
         name, token = storage_id(key), secrets.token_hex(16)
         taken = await self.port.acquire(name, token, self.ttl)
         if taken is None:
@@ -108,7 +105,7 @@ class FleetLocks:
                 return Alone("redis")
             if held:
                 continue
-            entry = await self.shared(key)
+            entry = await stored()
             if entry is None:
                 # The holder's answer was not stored (failed, uncacheable, too big for Redis, or Redis lost it):
                 # each host fetches for itself rather than queueing behind another round of waiting.

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
+from moxy.cache.entry import Entry
 from moxy.cache.fleet import Alone, Filled, FleetLocks, Lead
 from moxy.cache.purges import PurgeLog, PurgeRecord
 from moxy.cache.redis import RedisFleet, RedisLink, RedisStorage
@@ -21,6 +22,10 @@ from tests.net import free_port
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 
 URL = "https://img.example/a.png"
+
+
+async def nothing() -> Entry | None:
+    return None
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +64,12 @@ async def test_lock_is_exclusive_expires_and_is_released_only_by_its_owner(link:
 async def test_a_waiter_is_handed_the_leaders_entry(link: RedisLink):
     fleet, storage = RedisFleet(link, prefix="t:"), RedisStorage(link, prefix="t:")
     entry = make_entry(URL, b"\x89PNG shared", stored_at=time.time(), lifetime=600.0)
-    leader, waiter = FleetLocks(fleet, storage.get), FleetLocks(fleet, storage.get)
-    lead = await leader.claim(entry.key)
+    leader, waiter = FleetLocks(fleet), FleetLocks(fleet)
+
+    async def stored() -> Entry | None:
+        return await storage.get(entry.key)
+
+    lead = await leader.claim(entry.key, stored)
     assert isinstance(lead, Lead)
 
     async def fetch_store_release() -> None:
@@ -69,7 +78,7 @@ async def test_a_waiter_is_handed_the_leaders_entry(link: RedisLink):
         await leader.release(lead)
 
     task = asyncio.create_task(fetch_store_release())
-    got = await waiter.claim(entry.key)
+    got = await waiter.claim(entry.key, stored)
     await task
     assert isinstance(got, Filled) and got.entry == entry
     assert 0.2 <= got.waited < 0.35
@@ -104,13 +113,13 @@ async def test_purge_stream_round_trip_and_resume(link: RedisLink, tmp_path: Pat
 async def test_dead_redis_costs_nothing_after_the_breaker_opens():
     link = RedisLink(f"redis://127.0.0.1:{free_port()}/0", timeout=0.25, failure_threshold=3, cooldown=5.0)
     fleet = RedisFleet(link)
-    locks = FleetLocks(fleet, RedisStorage(link).get)
+    locks = FleetLocks(fleet)
     for _ in range(3):
-        assert await locks.claim("k") == Alone("redis")
+        assert await locks.claim("k", nothing) == Alone("redis")
     assert link.is_down()
     started = time.monotonic()
     for _ in range(1000):
-        assert await locks.claim("k") == Alone("redis")
+        assert await locks.claim("k", nothing) == Alone("redis")
         assert await fleet.publish(PurgeRecord(URL, 1.0, "p")) is None
     assert time.monotonic() - started < 0.5
     assert link.errors == 3
@@ -122,13 +131,13 @@ async def test_dead_redis_costs_nothing_after_the_breaker_opens():
 async def test_slow_redis_costs_one_timeout_then_nothing(redis_server: RedisServer):
     with LatencyRelay(redis_server.port) as relay:
         link = RedisLink(relay.url, timeout=0.2, failure_threshold=3, cooldown=5.0)
-        locks = FleetLocks(RedisFleet(link), RedisStorage(link).get)
-        assert isinstance(await locks.claim("warm-up"), Lead)  # connected, fast
+        locks = FleetLocks(RedisFleet(link))
+        assert isinstance(await locks.claim("warm-up", nothing), Lead)  # connected, fast
         relay.delay = 1.0
         timings = []
         for _ in range(5):
             started = time.monotonic()
-            assert await locks.claim("slow") == Alone("redis")
+            assert await locks.claim("slow", nothing) == Alone("redis")
             timings.append(time.monotonic() - started)
         assert max(timings[:3]) < 0.2 + 0.1, "each call is cut at the timeout (no retries on top)"
         assert max(timings[3:]) < 0.01, "then the breaker is open: no call at all"
