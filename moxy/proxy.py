@@ -11,13 +11,14 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from typing import Protocol
+from typing import Protocol, assert_never
 
 from cachetools import TTLCache
 
 from moxy.body import Body, OpenBody, digest_bytes, digest_file, offload
 from moxy.cache import Storage
 from moxy.cache.entry import BodyFile, Entry, make_key, variant_index
+from moxy.cache.fleet import Alone, Filled, FleetLocks, Lead
 from moxy.cache.freshness import Decision, FreshnessRules, assess, current_age, decide, is_storable, usable_on_error
 from moxy.cache.purges import PurgeLog
 from moxy.cache.vary import normalise, variant, vary_names
@@ -127,6 +128,7 @@ class Proxy:
         clock: Callable[[], float] = time.time,
         on_rejection: Callable[[str, str], None] | None = None,
         purges: PurgeLog | None = None,
+        fleet: FleetLocks | None = None,
     ) -> None:
         self.signer = signer
         self.policy = policy
@@ -140,6 +142,7 @@ class Proxy:
         self.clock = clock
         self.on_rejection = on_rejection
         self.purges = purges
+        self.fleet = fleet  # many hosts: cold misses shared across hosts through Redis (moxy.cache.fleet)
         self._inflight: dict[str, asyncio.Task[Outcome]] = {}
         self._background: set[asyncio.Task[Outcome]] = set()
         # Both are bounded in bytes, not items: a key holds the upstream URL (up to the request-line bound), and
@@ -293,12 +296,46 @@ class Proxy:
     def _start(
         self, slot: str, key: str, url: str, forwarded: dict[str, str], stale: Entry | None
     ) -> asyncio.Task[Outcome]:
-        task = asyncio.get_running_loop().create_task(self._fetch_and_store(key, url, forwarded, stale, store=True))
+        if self.fleet is not None and stale is None:
+            fetch = self._fetch_across_hosts(self.fleet, slot, key, url, forwarded)
+        else:
+            fetch = self._fetch_and_store(key, url, forwarded, stale, store=True)
+        task = asyncio.get_running_loop().create_task(fetch)
         self._inflight[slot] = task
         task.add_done_callback(
             lambda done: self._inflight.pop(slot, None) if self._inflight.get(slot) is done else None
         )
         return task
+
+    async def _fetch_across_hosts(
+        self, fleet: FleetLocks, slot: str, key: str, url: str, forwarded: dict[str, str]
+    ) -> Outcome:
+        """A cold miss of the entry `slot` when many hosts share Redis: one host fetches, the others wait for it and
+        serve what it stored; anything wrong with Redis, and this host fetches for itself at once."""
+
+        async def stored() -> Entry | None:
+            entry = await self._lookup(slot)
+            if entry is not None and entry.is_index:
+                entry = await self._lookup(make_key(url, variant(entry.vary, forwarded)))
+            return entry
+
+        claim = await fleet.claim(slot, stored, wait=self.lock_timeout)
+        match claim:
+            case Lead():
+                try:
+                    return await self._fetch_and_store(key, url, forwarded, None, store=True)
+                finally:
+                    await fleet.release(claim)
+            case Filled(entry=entry):
+                # MISS: this host had no copy; the upstream was asked for this request, by another host.
+                served = await self._serve(entry, CacheResult.MISS, self.clock())
+                if served is not None:
+                    return served
+                return await self._fetch_and_store(key, url, forwarded, None, store=True)
+            case Alone():
+                return await self._fetch_and_store(key, url, forwarded, None, store=True)
+            case _:
+                assert_never(claim)
 
     def _refresh_in_background(self, slot: str, key: str, url: str, forwarded: dict[str, str], stale: Entry) -> None:
         if slot in self._inflight:
