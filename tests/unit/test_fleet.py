@@ -2,17 +2,34 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+from urllib.parse import urlsplit
+
 import pytest
 
+from moxy.cache import MemoryStorage, TieredStorage
 from moxy.cache.entry import Entry, storage_id
-from moxy.cache.fleet import Alone, Filled, FleetLocks, Lead
+from moxy.cache.fleet import Alone, Claim, Filled, FleetLocks, Lead
+from moxy.cache.freshness import FreshnessRules
+from moxy.cache.purges import PurgeLog
+from moxy.errors import UpstreamError
+from moxy.policy import DestinationPolicy
+from moxy.proxy import CacheResult, Failed, Proxy, ProxyRequest, Served
+from moxy.signing import Signer
+from moxy.validation import build_chain
+from tests.assets import KEY as KEY_FOR_SIGNING
 from tests.entries import make_entry
+from tests.fakes.fetch import Answer, FakeFetch
 from tests.fakes.fleet import FakeLocks
 
 pytestmark = pytest.mark.anyio
 
 ENTRY = make_entry(body=b"png")
 KEY = ENTRY.key
+URL = "https://api.example/posts.json"
+SIGNER = Signer([KEY_FOR_SIGNING], "https://moxy.example")
+MiB = 1024 * 1024
 
 
 class Sleeper:
@@ -35,11 +52,25 @@ class Sleeper:
                 action()  # type: ignore[operator]
 
 
-def fleet(locks: FakeLocks, shared: dict[str, Entry], sleeper: Sleeper, ttl: float = 10.0) -> FleetLocks:
-    async def read(key: str) -> Entry | None:
-        return shared.get(key)
+class Fleet:
+    """A host's FleetLocks over the shared lock port, reading `shared` (the Redis tier) for KEY."""
 
-    return FleetLocks(locks, read, ttl=ttl, clock=sleeper.clock, sleep=sleeper.sleep)
+    def __init__(self, locks: FakeLocks, shared: dict[str, Entry], sleeper: Sleeper, ttl: float) -> None:
+        self.locks = FleetLocks(locks, ttl=ttl, clock=sleeper.clock, sleep=sleeper.sleep)
+        self.shared = shared
+
+    async def read(self) -> Entry | None:
+        return self.shared.get(KEY)
+
+    async def claim(self, key: str, wait: float | None = None) -> Claim:
+        return await self.locks.claim(key, self.read, wait)
+
+    async def release(self, lead: Lead) -> None:
+        await self.locks.release(lead)
+
+
+def fleet(locks: FakeLocks, shared: dict[str, Entry], sleeper: Sleeper, ttl: float = 10.0) -> Fleet:
+    return Fleet(locks, shared, sleeper, ttl)
 
 
 async def test_first_claim_leads_and_release_frees_the_lock():
@@ -106,3 +137,69 @@ async def test_release_by_a_stale_token_leaves_the_new_holders_lock():
     assert isinstance(second, Lead)
     await fleet(locks, {}, sleeper).release(first)
     assert locks.holders == {second.name: second.token}
+
+
+# -- the proxy's hook: two hosts over one shared tier and one lock port ----------------------------------
+
+
+def host(upstream: FakeFetch, shared: MemoryStorage, locks: FakeLocks, folder: Path) -> Proxy:
+    private = MemoryStorage(8 * MiB, MiB)
+    return Proxy(
+        signer=SIGNER,
+        policy=DestinationPolicy(),
+        storage=TieredStorage([private, shared]),
+        fetch=upstream,
+        validators=build_chain(content_types=["application/json"], max_body_bytes=MiB),
+        freshness=FreshnessRules(ttl_min=0, ttl_max=3600, ttl_default=60, stale_while_revalidate=0, stale_if_error=0),
+        purges=PurgeLog(folder / "purges.log"),
+        fleet=FleetLocks(locks, ttl=2.0),
+    )
+
+
+def request(url: str = URL) -> ProxyRequest:
+    parts = urlsplit(SIGNER.sign(url))
+    return ProxyRequest(path=parts.path, query=parts.query)
+
+
+async def test_two_hosts_share_one_fetch(tmp_path: Path):
+    upstream, shared, locks, gate = FakeFetch(), MemoryStorage(8 * MiB, MiB), FakeLocks(), asyncio.Event()
+    upstream.then(Answer(), gate=gate)
+    a, b = host(upstream, shared, locks, tmp_path / "a"), host(upstream, shared, locks, tmp_path / "b")
+    first = asyncio.create_task(a.handle(request()))
+    await asyncio.sleep(0.01)
+    second = asyncio.create_task(b.handle(request()))
+    await asyncio.sleep(0.05)
+    gate.set()
+    served = await asyncio.gather(first, second)
+    assert [type(o) for o in served] == [Served, Served]
+    assert [o.cache for o in served if isinstance(o, Served)] == [CacheResult.MISS, CacheResult.MISS]
+    assert len(upstream.calls) == 1, "one upstream fetch for both hosts"
+    assert locks.holders == {}, "released by its owner"
+    again = await b.handle(request())
+    assert isinstance(again, Served) and again.cache is CacheResult.HIT, "B keeps its own copy now"
+    await a.aclose()
+    await b.aclose()
+
+
+async def test_redis_down_each_host_fetches(tmp_path: Path):
+    upstream, shared, locks = FakeFetch(otherwise=Answer()), MemoryStorage(8 * MiB, MiB), FakeLocks()
+    locks.down = True
+    a, b = host(upstream, shared, locks, tmp_path / "a"), host(upstream, shared, locks, tmp_path / "b")
+    served = await asyncio.gather(a.handle(request()), b.handle(request()))
+    assert [o.cache for o in served] == [CacheResult.MISS, CacheResult.MISS]
+    assert len(upstream.calls) == 2, "per-host behaviour: no waiting on a dead Redis"
+
+
+async def test_a_failed_lead_leaves_the_others_to_fetch(tmp_path: Path):
+    gate = asyncio.Event()
+    upstream = FakeFetch(otherwise=Answer()).then(UpstreamError("upstream-status-500", status=500), gate=gate)
+    shared, locks = MemoryStorage(8 * MiB, MiB), FakeLocks()
+    a, b = host(upstream, shared, locks, tmp_path / "a"), host(upstream, shared, locks, tmp_path / "b")
+    first = asyncio.create_task(a.handle(request()))
+    await asyncio.sleep(0.01)
+    second = asyncio.create_task(b.handle(request()))
+    await asyncio.sleep(0.05)
+    gate.set()
+    failed, served = await asyncio.gather(first, second)
+    assert isinstance(failed, Failed) and isinstance(served, Served) and served.cache is CacheResult.MISS
+    assert len(upstream.calls) == 2
