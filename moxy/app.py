@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from moxy import __version__, routes
 from moxy.cache import DiskStorage, MemoryStorage, Storage, TieredStorage
 from moxy.cache.disk import fault_kind
+from moxy.cache.fleet import FleetLocks
 from moxy.cache.freshness import FreshnessRules
 from moxy.cache.purges import PurgeLog
 from moxy.config import Settings, load_settings
@@ -146,6 +147,7 @@ async def open_components(plan: Plan) -> routes.Components:
         lock_timeout=s.lock_timeout,
         purges=purges,
         on_rejection=lambda reason, url: metrics.rejections.labels(reason=reason).inc(),
+        fleet=FleetLocks(fleet, ttl=s.redis_lock_ttl) if fleet is not None else None,
     )
     tiered = routes.Tiers(storage, memory, disk)
     return routes.Components(s, plan.signer, proxy, tiered, metrics, purges, upstream)
@@ -153,22 +155,15 @@ async def open_components(plan: Plan) -> routes.Components:
 
 class MoxyApp:
     """The ASGI app: `router` runs the lifespan (and answers "starting" until it has run); then `front`, the hit
-    memo in front of the routes over the built Components, takes every request, and `admin` those that arrived on
-    the admin listener (MOXY_ADMIN_PORT; moxy.server marks them)."""
+    memo in front of the routes over the built Components, takes every request."""
 
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
         self.router = Starlette(routes=routes.waiting(), lifespan=self.lifespan)
         self.front: ASGIApp = self.router
-        self.admin: ASGIApp = self.router
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await self.router(scope, receive, send)
-        elif routes.ADMIN_LISTENER in (scope.get("extensions") or ()):
-            await self.admin(scope, receive, send)
-        else:
-            await self.front(scope, receive, send)
+        await (self.router if scope["type"] == "lifespan" else self.front)(scope, receive, send)
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _: Starlette) -> AsyncIterator[None]:
@@ -179,7 +174,6 @@ class MoxyApp:
         front = Hits(inner, memo, c.metrics, c.settings.access_log) if memo is not None else inner
         secret = c.settings.origin_secret
         self.front = routes.origin_lock(front, secret.get_secret_value(), c.metrics) if secret else front
-        self.admin = routes.admin_router(c)  # not behind the origin lock: the admin listener is not the CDN's
         loop = asyncio.get_running_loop()
         watchers = [loop.create_task(c.purges.watch()), loop.create_task(report_tiers(c.metrics, memory, c.tiers.disk))]
         watchers.append(loop.create_task(c.purges.follow()))  # other hosts' purges (returns at once without Redis)
