@@ -20,6 +20,7 @@ from moxy.cache.fleet import FleetLocks
 from moxy.cache.freshness import FreshnessRules
 from moxy.cache.purges import PurgeLog
 from moxy.config import Settings, load_settings
+from moxy.cors import Cors
 from moxy.errors import ConfigError
 from moxy.hits import HitMemo, Hits
 from moxy.policy import DestinationPolicy
@@ -153,6 +154,14 @@ async def open_components(plan: Plan) -> routes.Components:
     return routes.Components(s, plan.signer, proxy, tiered, metrics, purges, upstream)
 
 
+def _public(app: ASGIApp, c: routes.Components) -> ASGIApp:
+    """`app` as the main listener's requests reach it: through the origin lock, then the CORS fields."""
+    if c.settings.cors_origins:
+        app = Cors(app, c.settings.cors_origins)
+    secret = c.settings.origin_secret
+    return routes.origin_lock(app, secret.get_secret_value(), c.metrics) if secret else app
+
+
 class MoxyApp:
     """The ASGI app: `router` runs the lifespan (and answers "starting" until it has run); then `front`, the hit
     memo in front of the routes over the built Components, takes every request."""
@@ -172,8 +181,7 @@ class MoxyApp:
         memo = HitMemo(memory, c.purges, c.settings.forward_headers) if memory is not None else None
         inner = routes.router(c, on_hit=memo.learn if memo is not None else None)
         front = Hits(inner, memo, c.metrics, c.settings.access_log) if memo is not None else inner
-        secret = c.settings.origin_secret
-        self.front = routes.origin_lock(front, secret.get_secret_value(), c.metrics) if secret else front
+        self.front = _public(front, c)
         loop = asyncio.get_running_loop()
         watchers = [loop.create_task(c.purges.watch()), loop.create_task(report_tiers(c.metrics, memory, c.tiers.disk))]
         watchers.append(loop.create_task(c.purges.follow()))  # other hosts' purges (returns at once without Redis)
@@ -183,9 +191,7 @@ class MoxyApp:
             for watcher in watchers:
                 watcher.cancel()
             c.metrics.close()
-            closing = routes.router(c)  # no more memo answers once closing has begun
-            secret = c.settings.origin_secret
-            self.front = routes.origin_lock(closing, secret.get_secret_value(), c.metrics) if secret else closing
+            self.front = _public(routes.router(c), c)  # no more memo answers once closing has begun
             await c.proxy.aclose()
             await c.upstream.aclose()
             await c.purges.aclose()
