@@ -164,15 +164,22 @@ def _public(app: ASGIApp, c: routes.Components) -> ASGIApp:
 
 class MoxyApp:
     """The ASGI app: `router` runs the lifespan (and answers "starting" until it has run); then `front`, the hit
-    memo in front of the routes over the built Components, takes every request."""
+    memo in front of the routes over the built Components, takes every request, and `admin` those that arrived on
+    the admin listener (MOXY_ADMIN_PORT; moxy.server marks them)."""
 
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
         self.router = Starlette(routes=routes.waiting(), lifespan=self.lifespan)
         self.front: ASGIApp = self.router
+        self.admin: ASGIApp = self.router
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await (self.router if scope["type"] == "lifespan" else self.front)(scope, receive, send)
+        if scope["type"] == "lifespan":
+            await self.router(scope, receive, send)
+        elif routes.ADMIN_LISTENER in (scope.get("extensions") or ()):
+            await self.admin(scope, receive, send)
+        else:
+            await self.front(scope, receive, send)
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _: Starlette) -> AsyncIterator[None]:
@@ -182,6 +189,7 @@ class MoxyApp:
         inner = routes.router(c, on_hit=memo.learn if memo is not None else None)
         front = Hits(inner, memo, c.metrics, c.settings.access_log) if memo is not None else inner
         self.front = _public(front, c)
+        self.admin = routes.admin_router(c)  # not behind the origin lock: the admin listener is not the CDN's
         loop = asyncio.get_running_loop()
         watchers = [loop.create_task(c.purges.watch()), loop.create_task(report_tiers(c.metrics, memory, c.tiers.disk))]
         watchers.append(loop.create_task(c.purges.follow()))  # other hosts' purges (returns at once without Redis)
