@@ -1,10 +1,11 @@
 """The README's quick start, run as written: `make run` from its first shell block, then every command of the first
-shell block that signs (`moxy sign ...`), from a fresh folder, against a real upstream on loopback.
+shell block that signs from the checkout (`.venv/bin/moxy sign ...`), from a fresh folder, against a real upstream
+on loopback.
 
 What the README must keep for this to pass (the test names the rule it finds broken):
 - a ```sh block with a line `make run` (other lines of that block, such as `make test`, are not run here);
-- a ```sh block whose commands use `moxy sign`, runnable one after the other from the checkout once `make run`
-  serves: `export NAME=VALUE` lines are kept for the lines after them, example upstream URLs are on
+- a ```sh block whose commands use `.venv/bin/moxy sign`, runnable one after the other from the checkout once
+  `make run` serves: `export NAME=VALUE` lines are kept for the lines after them, example upstream URLs are on
   `https://example.com/`, a Moxy URL to verify is written `http://127.0.0.1:8080/<digest>/<encoded>`, a list of
   URLs is read from `urls.txt` (by `moxy sign -` or `moxy warm`); no other `<placeholder>`, and no command that needs
   a setting `make run` does not make (`moxy purge` needs MOXY_PURGE_TOKEN).
@@ -60,8 +61,9 @@ def quick_start() -> tuple[str, list[str]]:
     blocks = shell_blocks()
     make_run = next((c for block in blocks for c in block if re.fullmatch(r"make run\b.*", c)), None)
     assert make_run is not None, "README.md: no ```sh block with a `make run` line (the quick start)"
-    signing = next((block for block in blocks if any(re.search(r"\bmoxy sign\b", c) for c in block)), None)
-    assert signing is not None, "README.md: no ```sh block with `moxy sign` (the quick start's signing commands)"
+    # The checkout's commands (`.venv/bin/moxy sign`), not those of an installed Moxy (`pip install`, `moxy sign`).
+    signing = next((block for block in blocks if any(re.search(r"\.venv/bin/moxy sign\b", c) for c in block)), None)
+    assert signing is not None, "README.md: no ```sh block with `.venv/bin/moxy sign` (the quick start's signing)"
     return make_run, signing
 
 
