@@ -342,6 +342,31 @@ def test_moxy_purge_command(purge_origin: Origin, moxy: MoxyServer) -> None:
     _assert_kept(purge_origin, moxy, kept_path, hits_before=1)
 
 
+def test_moxy_purge_counts_every_variant(purge_origin: Origin, moxy: MoxyServer) -> None:
+    # A plain upstream: five browsers share one entry, and one is what a purge reports.
+    browsers = [
+        "image/avif,image/webp,image/apng,image/svg+xml,image/*,*/*;q=0.8",
+        "image/avif,image/webp,*/*",
+        "image/webp,*/*",
+        "image/png,image/svg+xml,image/*;q=0.8,video/*;q=0.8,*/*;q=0.5",
+        "*/*",
+    ]
+    plain = f"/p{next(_paths)}.png"
+    purge_origin.route(plain, _picture(OLD))
+    for accept in browsers:
+        fetch(moxy.sign(purge_origin.url(plain)), accept)
+    done = _moxy_cli("purge", purge_origin.url(plain), purge_token=TOKEN, admin_url=moxy.base_url)
+    assert (done.returncode, done.stdout) == (0, "purged 1 entry\n"), done.stderr
+    # One that varies on Accept: three classes among these browsers, three entries, all counted.
+    varying = f"/p{next(_paths)}.png"
+    purge_origin.route(varying, _picture(OLD, vary="Accept"))
+    for accept in browsers:
+        fetch(moxy.sign(purge_origin.url(varying)), accept)
+    assert purge_origin.hits(varying) == 3
+    done = _moxy_cli("purge", purge_origin.url(varying), purge_token=TOKEN, admin_url=moxy.base_url)
+    assert (done.returncode, done.stdout) == (0, "purged 3 entries\n"), done.stderr
+
+
 # -- several workers ---------------------------------------------------------------------------------------------
 # The cross-worker case: it fails whenever a worker's private memory tier keeps serving a copy purged through
 # another worker (the purge must travel between the processes, not only reach the shared disk tier).
