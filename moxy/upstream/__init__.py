@@ -30,6 +30,7 @@ from moxy.errors import MoxyError, UpstreamError, UpstreamTimeout
 from moxy.fields import OWS, valid_field_name, valid_field_value
 from moxy.hosts import HostBusy, HostGate, HostUnavailable
 from moxy.upstream.aiohttp import AiohttpEngine
+from moxy.upstream.egress import ForwardProxy
 from moxy.upstream.h1 import H1Engine
 
 if TYPE_CHECKING:
@@ -73,6 +74,8 @@ REASONS: frozenset[str] = frozenset(
         "transport-error",  # anything else the HTTP engine raised
         "host-busy",  # every slot of this upstream host stayed taken for the whole queue wait
         "host-unavailable",  # the host failed too often in a row; its circuit breaker is open for a cool-down
+        "proxy-failed",  # the forward proxy (MOXY_UPSTREAM_PROXY) could not be reached
+        "proxy-refused",  # it would not forward: 407 (credentials), or a CONNECT answered with an error
     }
 )
 # Failures that say the host itself is in trouble (no answer at all), which feed its circuit breaker. An error
@@ -287,9 +290,14 @@ class Upstream:
         breaker_failures: int = 5,
         breaker_cooldown: float = 10.0,
         ca_file: Path | None = None,
+        proxy: ForwardProxy | None = None,
         on_spool_failure: Callable[[OSError], None] | None = None,
     ) -> None:
         self.policy = policy
+        # MOXY_UPSTREAM_PROXY: the built-in engines send every request through it (moxy.upstream.egress). Its own
+        # address is the operator's choice and exempt from the policy; every target is checked here all the same,
+        # before anything is sent (`_check`).
+        self.proxy = proxy
         # The system's trust store, plus the operator's extra CAs (MOXY_UPSTREAM_CA_FILE): added, never replacing
         # it, so public upstreams keep working next to an internal CA. Built once (loading the system store takes
         # tens of ms), and only for a built-in engine: an injected engine does its own TLS, if any.
@@ -337,6 +345,7 @@ class Upstream:
                     limit=0,
                     limit_per_host=0,
                     ssl_context=self.ssl_context,
+                    proxy=self.proxy,
                 )
         return self._engine
 

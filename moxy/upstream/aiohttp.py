@@ -1,8 +1,9 @@
 """The production engine of the fetcher: aiohttp, one pooled session, DNS replaced by the addresses the policy
 checked. The only module that imports aiohttp; only `moxy.upstream` imports it.
 
-It sends exactly one request per call (no redirects), connects only to the pinned addresses of that hop, and maps
-every aiohttp failure to an `UpstreamError` with a code from `moxy.upstream.REASONS`."""
+It sends exactly one request per call (no redirects), connects only to the pinned addresses of that hop (or, with a
+forward proxy, to the proxy, as moxy.upstream.egress describes), and maps every aiohttp failure to an
+`UpstreamError` with a code from `moxy.upstream.REASONS`."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import yarl
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from moxy.errors import UpstreamError, UpstreamTimeout
+from moxy.upstream.egress import ForwardProxy
 
 if TYPE_CHECKING:
     from moxy.policy import IPAddress
@@ -31,11 +33,18 @@ _PINNED: contextvars.ContextVar[tuple[IPAddress, ...] | None] = contextvars.Cont
 
 
 class _PinnedResolver(AbstractResolver):
-    """aiohttp resolver that answers only with the checked addresses of the current hop and never asks DNS."""
+    """aiohttp resolver that answers only with the checked addresses of the current hop and never asks DNS; except
+    for the forward proxy's own name (`proxy_host`), the one address the operator chose, exempt from the policy."""
+
+    def __init__(self, proxy_host: str | None = None) -> None:
+        self.proxy_host = proxy_host
+        self.system = aiohttp.ThreadedResolver() if proxy_host is not None else None
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
+        if self.system is not None and host == self.proxy_host:
+            return await self.system.resolve(host, port, socket.AF_UNSPEC)
         pinned = _PINNED.get()
         if pinned is None:
             # Fail closed: a lookup we did not check must never turn into a connection.
@@ -53,7 +62,8 @@ class _PinnedResolver(AbstractResolver):
         ]
 
     async def close(self) -> None:
-        return None
+        if self.system is not None:
+            await self.system.close()
 
 
 def error_for(exc: BaseException, *, in_body: bool) -> UpstreamError:
@@ -71,6 +81,10 @@ def error_for(exc: BaseException, *, in_body: bool) -> UpstreamError:
         if isinstance(cause, aiohttp.http_exceptions.TransferEncodingError) and "Not enough data" not in str(cause):
             return UpstreamError("bad-chunking")
         return UpstreamError("truncated")
+    if isinstance(exc, aiohttp.ClientProxyConnectionError):
+        return UpstreamError("proxy-failed")
+    if isinstance(exc, aiohttp.ClientHttpProxyError):
+        return UpstreamError("proxy-refused", status=exc.status)
     if isinstance(exc, aiohttp.ClientSSLError | aiohttp.ServerFingerprintMismatch):
         return UpstreamError("tls-error")
     if isinstance(exc, aiohttp.ClientConnectorError):
@@ -130,9 +144,17 @@ class AiohttpEngine:
         limit: int,
         limit_per_host: int,
         ssl_context: ssl.SSLContext,
+        proxy: ForwardProxy | None = None,
     ) -> None:
+        self._proxy = proxy
+        self._proxy_url = yarl.URL(proxy.url) if proxy is not None else None
+        self._proxy_auth = (
+            aiohttp.BasicAuth(proxy.username, proxy.password or "")
+            if proxy is not None and proxy.username is not None
+            else None
+        )
         connector = aiohttp.TCPConnector(
-            resolver=_PinnedResolver(),
+            resolver=_PinnedResolver(proxy.host if proxy is not None else None),
             # The name checked against the certificate (and sent as SNI) is the URL's host, never the pinned address.
             ssl=ssl_context,
             use_dns_cache=False,  # a cache would answer from an earlier hop's check
@@ -155,6 +177,8 @@ class AiohttpEngine:
     ) -> _AiohttpWire:
         # encoded=True sends the signed URL as it is, instead of yarl's re-quoting (which could change its meaning).
         target = yarl.URL(url, encoded=True) if url.isascii() else yarl.URL(url)
+        if self._proxy is not None:
+            return await self._send_through_proxy(method, target, headers, pinned)
         # Set around exactly one request (aiohttp follows no redirects here), so the pin cannot leak to another URL.
         token = _PINNED.set(tuple(pinned))
         try:
@@ -166,6 +190,45 @@ class AiohttpEngine:
         finally:
             _PINNED.reset(token)
         return _AiohttpWire(response)
+
+    async def _send_through_proxy(
+        self, method: str, target: yarl.URL, headers: list[tuple[str, str]], pinned: list[IPAddress]
+    ) -> _AiohttpWire:
+        """http: absolute-form to the proxy by name; https: a tunnel to a checked address, TLS named by the host
+        (moxy.upstream.egress says why)."""
+        attempts: list[tuple[yarl.URL, list[tuple[str, str]], str | None]]
+        if target.scheme == "http":
+            attempts = [(target, headers, None)]
+        else:
+            name, host = target.raw_host or "", target.host_port_subcomponent or ""
+            # One tunnel per checked address, in the policy's order, until one opens (as direct connections try).
+            attempts = [(target.with_host(str(address)), [("Host", host), *headers], name) for address in pinned]
+        failure = UpstreamError("connect-failed")
+        for url, fields, server_name in attempts:
+            try:
+                response = await self._session.request(
+                    method,
+                    url,
+                    headers=fields,
+                    allow_redirects=False,
+                    read_until_eof=True,
+                    proxy=self._proxy_url,
+                    proxy_auth=self._proxy_auth,
+                    server_hostname=server_name,
+                )
+            except (aiohttp.ClientError, OSError) as exc:
+                failure = error_for(exc, in_body=False)
+                # The proxy down, or refusing our credentials: another address would not help. A tunnel the proxy
+                # could not open (its 502 for that address), or TLS that failed in it, may work to the next one.
+                if failure.reason == "proxy-failed" or failure.status == 407:
+                    raise failure from exc
+                continue
+            if response.status == 407:
+                # The proxy's own answer to a request it would not forward: never the upstream's.
+                response.close()
+                raise UpstreamError("proxy-refused", status=407)
+            return _AiohttpWire(response)
+        raise failure
 
     async def aclose(self) -> None:
         await self._session.close()

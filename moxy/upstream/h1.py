@@ -2,9 +2,10 @@
 parser uvicorn already ships). The only module that imports httptools; only `moxy.upstream` imports it.
 
 Same contract as `moxy.upstream.aiohttp.AiohttpEngine`: exactly one request per `send` (no redirects), connections
-only to the pinned addresses of that hop, TLS named and verified by the URL's host, the body decoded from its
-Content-Encoding in bounded pieces, and every failure an `UpstreamError` with a code from `moxy.upstream.REASONS`.
-It exists because the client is a large share of a miss's CPU (docs/performance.md, "Where the time goes")."""
+only to the pinned addresses of that hop (or through the forward proxy, as moxy.upstream.egress says), TLS named and
+verified by the URL's host, the body decoded from its Content-Encoding in bounded pieces, and every failure an
+`UpstreamError` with a code from `moxy.upstream.REASONS`. It exists because the client is a large share of a miss's
+CPU (docs/performance.md, "Where the time goes")."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from urllib.parse import quote, urlsplit
 import httptools
 
 from moxy.errors import UpstreamError, UpstreamTimeout
+from moxy.upstream.egress import ForwardProxy, connect_request
 
 if TYPE_CHECKING:
     from moxy.policy import IPAddress
@@ -58,6 +60,10 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELET
 RECEIVE_BUFFER = 4 * 1024 * 1024
 
 PoolKey = tuple[str, str, int, str, str | None]  # scheme, host, port, connected address, TLS server name
+# The "connected address" of a plain-http connection to the forward proxy, which resolves the target itself.
+VIA_PROXY = "proxy"
+# A CONNECT answer is a status line and a few fields; one larger than this is no proxy we can talk to.
+MAX_CONNECT_HEAD = 16 * 1024
 HostKey = tuple[str, str, int]  # scheme, host, port: what limit_per_host counts
 
 
@@ -527,6 +533,11 @@ class _H1Wire:
             self._engine._release(self._connection, reuse)
 
 
+def _close(sock: socket.socket | None) -> None:
+    if sock is not None:
+        sock.close()
+
+
 class H1Engine:
     """HTTP/1.1 over asyncio and httptools, with a keep-alive pool (a `moxy.upstream.Engine`). Build it inside the
     running loop. `limit` / `limit_per_host` bound the connections in use at once (0: no bound), as in the
@@ -540,8 +551,10 @@ class H1Engine:
         limit: int,
         limit_per_host: int,
         ssl_context: ssl.SSLContext,
+        proxy: ForwardProxy | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
+        self._proxy = proxy
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._limit = limit
@@ -562,18 +575,28 @@ class H1Engine:
         if self._closed:
             raise UpstreamError("transport-error")
         scheme, host, port, target, authority = _target(url)
-        request = _request(method, target, authority, headers)
         server_name = host if scheme == "https" else None
+        if self._proxy is not None and scheme == "http":
+            # Absolute form to the proxy, which resolves the name itself (moxy.upstream.egress says why).
+            target = f"http://{authority}{target}"
+            if self._proxy.authorization is not None:
+                headers = [*headers, ("Proxy-Authorization", self._proxy.authorization)]
+        request = _request(method, target, authority, headers)
         host_key = (scheme, host, port)
         try:
-            return await self._exchange(method, request, scheme, host, port, server_name, pinned, host_key)
+            wire = await self._exchange(method, request, scheme, host, port, server_name, pinned, host_key)
         except UpstreamError as exc:
             # RFC 9112 §9.3.1: a connection that closed before any answer may be retried once when the method is
             # idempotent; the aiohttp engine does the same (a server closing a kept-alive connection as it is
             # reused is the usual cause).
             if exc.reason != "disconnected" or method not in IDEMPOTENT_METHODS or self._closed:
                 raise
-        return await self._exchange(method, request, scheme, host, port, server_name, pinned, host_key)
+            wire = await self._exchange(method, request, scheme, host, port, server_name, pinned, host_key)
+        if self._proxy is not None and wire.status == 407:
+            # The proxy's own answer to a request it would not forward: never the upstream's.
+            await wire.abort()
+            raise UpstreamError("proxy-refused", status=407)
+        return wire
 
     async def _exchange(
         self,
@@ -615,8 +638,8 @@ class H1Engine:
         if not self._idle:
             return None
         now = self._loop.time()
-        for address in pinned:
-            idle = self._idle.get((scheme, host, port, str(address), server_name))
+        for address in self._addresses(scheme, pinned):
+            idle = self._idle.get((scheme, host, port, address, server_name))
             while idle:
                 # Oldest first, as the aiohttp engine's pool does: the connection released last (whose server may
                 # be about to drop it) is the last one written to again.
@@ -651,29 +674,95 @@ class H1Engine:
         if not pinned:
             raise UpstreamError("connect-failed")
         failure: UpstreamError = UpstreamError("connect-failed")
-        for address in pinned:  # in the policy's order, as the aiohttp engine tries resolved addresses
-            key: PoolKey = (scheme, host, port, str(address), server_name)
+        # In the policy's order, as the aiohttp engine tries resolved addresses.
+        for address in self._addresses(scheme, pinned):
+            key: PoolKey = (scheme, host, port, address, server_name)
             try:
                 return await self._open(key, host_key, address, port, server_name)
             except UpstreamError as exc:
+                # The proxy down or refusing our credentials: another address would not help.
+                if exc.reason == "proxy-failed" or exc.status == 407:
+                    raise
                 failure = exc
         raise failure
 
-    async def _open(
-        self, key: PoolKey, host_key: HostKey, address: IPAddress, port: int, server_name: str | None
-    ) -> _Connection:
-        family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    def _addresses(self, scheme: str, pinned: list[IPAddress]) -> list[str]:
+        """What a connection for this hop is made to: each checked address (directly, or by a tunnel through the
+        proxy), or the proxy itself for plain http through it."""
+        if self._proxy is not None and scheme == "http":
+            return [VIA_PROXY]
+        return [str(address) for address in pinned]
+
+    async def _socket(self, address: str, port: int) -> socket.socket:
+        """A TCP socket connected to `address` (a checked IP literal), or through the proxy: to the proxy, with a
+        tunnel to `address` when `port` is not None (plain http through the proxy opens none)."""
+        if self._proxy is None:
+            return await self._connected(address, port)
+        try:
+            found = await self._loop.getaddrinfo(self._proxy.host, self._proxy.port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise UpstreamError("proxy-failed") from exc
+        sock: socket.socket | None = None
+        for *_, sockaddr in found:  # the operator's proxy: its address is exempt from the destination policy
+            try:
+                sock = await self._connected(str(sockaddr[0]), self._proxy.port)
+                break
+            except OSError:
+                continue
+        if sock is None:
+            raise UpstreamError("proxy-failed")
+        if address == VIA_PROXY:
+            return sock
+        try:
+            await self._tunnel(sock, address, port, self._proxy)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    async def _connected(self, address: str, port: int) -> socket.socket:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self._receive_buffer is not None:
-            # Before connecting: the window scale offered in the SYN follows from it.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._receive_buffer)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._receive_buffer is not None:
+                # Before connecting: the window scale offered in the SYN follows from it.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._receive_buffer)
+            # A socket connected by hand to the given address: no name is looked up on the way.
+            await self._loop.sock_connect(sock, (address, port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    async def _tunnel(self, sock: socket.socket, address: str, port: int, proxy: ForwardProxy) -> None:
+        """CONNECT to `address`:`port` through the proxy on `sock` (RFC 9110 §9.3.6): returns once it is open."""
+        await self._loop.sock_sendall(sock, connect_request(address, port, proxy))
+        head = b""
+        while b"\r\n\r\n" not in head:
+            data = await self._loop.sock_recv(sock, 4096)
+            if not data:
+                raise UpstreamError("proxy-failed")
+            head += data
+            if len(head) > MAX_CONNECT_HEAD:
+                raise UpstreamError("proxy-refused")
+        parts = head.partition(b"\r\n")[0].split(b" ", 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+            raise UpstreamError("proxy-refused")
+        status = int(parts[1])
+        # A 2xx opens the tunnel; anything after its head would be bytes of a conversation not yet begun.
+        if not 200 <= status < 300 or not head.endswith(b"\r\n\r\n") or head.count(b"\r\n\r\n") != 1:
+            raise UpstreamError("proxy-refused", status=status)
+
+    async def _open(
+        self, key: PoolKey, host_key: HostKey, address: str, port: int, server_name: str | None
+    ) -> _Connection:
         read_timeout = self._read_timeout
+        sock: socket.socket | None = None
         try:
             async with asyncio.timeout(self._connect_timeout):
-                # A socket connected by hand to the checked address: no name is looked up on the way.
-                await self._loop.sock_connect(sock, (str(address), port))
+                sock = await self._socket(address, port)
                 if server_name is None:
                     _, connection = await self._loop.create_connection(
                         lambda: _Connection(self, key, host_key, read_timeout), sock=sock
@@ -688,16 +777,16 @@ class H1Engine:
                         ssl_handshake_timeout=self._connect_timeout,
                     )
         except TimeoutError as exc:
-            sock.close()
+            _close(sock)
             raise UpstreamTimeout("connect-timeout") from exc
         except (ssl.SSLError, ssl.CertificateError) as exc:
-            sock.close()
+            _close(sock)
             raise UpstreamError("tls-error") from exc
         except OSError as exc:
-            sock.close()
+            _close(sock)
             raise UpstreamError("connect-failed") from exc
         except BaseException:
-            sock.close()
+            _close(sock)
             raise
         return connection
 
