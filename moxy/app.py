@@ -30,6 +30,7 @@ from moxy.rules import Rules, parse_rules
 from moxy.signing import MIN_KEY_BYTES, Signer
 from moxy.telemetry import DiskReport, Metrics, measured, report_tiers
 from moxy.upstream import Upstream
+from moxy.upstream.egress import ForwardProxy
 from moxy.validation import ValidatorChain, build_chain
 
 __all__ = ["MoxyApp", "Plan", "create_app", "open_components"]
@@ -44,6 +45,7 @@ class Plan:
     policy: DestinationPolicy
     validators: ValidatorChain
     freshness: FreshnessRules
+    proxy: ForwardProxy | None = None  # MOXY_UPSTREAM_PROXY
 
     @classmethod
     def of(cls, settings: Settings, *, quiet: bool = False) -> Plan:
@@ -70,7 +72,17 @@ class Plan:
                 stale_while_revalidate=s.stale_while_revalidate,
                 stale_if_error=s.stale_if_error,
             ),
+            proxy=_proxy(s),
         )
+
+
+def _proxy(settings: Settings) -> ForwardProxy | None:
+    if settings.upstream_proxy is None:
+        return None
+    try:
+        return ForwardProxy.from_url(settings.upstream_proxy.get_secret_value())
+    except ValueError as exc:  # its message never repeats the URL, which may hold the proxy's password
+        raise ConfigError("MOXY_UPSTREAM_PROXY", str(exc)) from None
 
 
 def _rules(settings: Settings) -> Rules | None:
@@ -129,6 +141,7 @@ async def open_components(plan: Plan) -> routes.Components:
         via=f"1.1 moxy/{__version__}",
         spool_dir=spool,
         ca_file=s.upstream_ca_file,
+        proxy=plan.proxy,
         host_concurrency=s.upstream_host_concurrency,
         host_queue_timeout=s.upstream_queue_timeout,
         breaker_failures=s.upstream_breaker_failures,
