@@ -16,7 +16,7 @@ import moxy.errors
 import moxy.signing
 
 # Importing moxy from a template-rendering web app must not drag in a server, a client or a framework.
-HEAVY = ("starlette", "httpx", "aiohttp", "uvicorn", "click", "jinja2", "redis", "prometheus_client", "anyio")
+HEAVY = ("starlette", "httpx", "aiohttp", "uvicorn", "click", "jinja2", "redis", "prometheus_client", "anyio", "django")
 EXPECTED = {
     "BadSignature",
     "ConfigError",
