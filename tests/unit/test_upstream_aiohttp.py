@@ -69,6 +69,14 @@ def payload_error(cause: Exception | None) -> aiohttp.ClientPayloadError:
             "connect-failed",
         ),
         (aiohttp.ClientConnectorDNSError(KEY, OSError()), UpstreamError, "connect-failed", "connect-failed"),
+        # The forward proxy's own failures (MOXY_UPSTREAM_PROXY) nest in the connector and response errors.
+        (
+            aiohttp.ClientProxyConnectionError(KEY, ConnectionRefusedError()),
+            UpstreamError,
+            "proxy-failed",
+            "proxy-failed",
+        ),
+        (aiohttp.ClientHttpProxyError(REQUEST, (), status=407), UpstreamError, "proxy-refused", "proxy-refused"),
         (aiohttp.ServerDisconnectedError(), UpstreamError, "disconnected", "truncated"),
         (aiohttp.ClientOSError(), UpstreamError, "disconnected", "truncated"),
         (ConnectionResetError(), UpstreamError, "disconnected", "truncated"),
@@ -83,6 +91,18 @@ def test_error_mapping(exc: BaseException, error: type[UpstreamError], in_head: 
         assert type(mapped) is error
         assert mapped.reason == reason
         assert reason in REASONS
+
+
+@pytest.mark.anyio
+async def test_resolver_asks_the_system_for_the_proxys_name_only() -> None:
+    resolver = _PinnedResolver(proxy_host="localhost")
+    try:
+        answers = await resolver.resolve("localhost", 3128)
+        assert answers and all(ipaddress.ip_address(a["host"]).is_loopback for a in answers)
+        with pytest.raises(OSError):  # any other name is still only what the policy checked
+            await resolver.resolve("example.test", 80)
+    finally:
+        await resolver.close()
 
 
 @pytest.mark.anyio
