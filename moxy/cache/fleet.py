@@ -90,7 +90,14 @@ class FleetLocks:
         if taken is None:
             return Alone("redis")
         if taken:
-            return Lead(name, token)
+            lead = Lead(name, token)
+            # The host before us may have stored the entry and released the lock after this request looked it up:
+            # one read now spares a second upstream fetch.
+            entry = await stored()
+            if entry is None:
+                return lead
+            await self.release(lead)
+            return Filled(entry, 0.0)
         started = self.clock()
         deadline = started + min(self.ttl, wait if wait is not None else self.ttl)
         interval = POLL_FIRST

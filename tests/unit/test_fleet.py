@@ -203,3 +203,10 @@ async def test_a_failed_lead_leaves_the_others_to_fetch(tmp_path: Path):
     failed, served = await asyncio.gather(first, second)
     assert isinstance(failed, Failed) and isinstance(served, Served) and served.cache is CacheResult.MISS
     assert len(upstream.calls) == 2
+
+
+async def test_a_lead_that_finds_the_entry_already_stored_does_not_fetch():
+    locks, sleeper = FakeLocks(), Sleeper()
+    claim = await fleet(locks, {KEY: ENTRY}, sleeper).claim(KEY)
+    assert claim == Filled(ENTRY, 0.0), "stored and released between this request's lookup and its claim"
+    assert locks.holders == {}
