@@ -3,6 +3,8 @@ makes a Redis slow on demand.
 
     with RedisServer(folder) as redis:       # redis.url; redis.kill(); redis.start() again on the same port
         ...
+    with RedisClusterNodes(folder) as cluster:  # three masters sharing the slots; cluster.url names one of them
+        ...
     with LatencyRelay(redis.port) as relay:  # relay.url reaches the same Redis; relay.delay = 2.0 makes it slow
         ...
 
@@ -24,7 +26,7 @@ import pytest
 from tests.integration.servers import require_binary
 from tests.net import free_port
 
-__all__ = ["LatencyRelay", "RedisServer"]
+__all__ = ["LatencyRelay", "RedisClusterNodes", "RedisServer"]
 
 
 def _wait_listening(port: int, process: subprocess.Popen[bytes], what: str) -> None:
@@ -144,6 +146,75 @@ class LatencyRelay:
         self._loop.close()
 
     def __enter__(self) -> LatencyRelay:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (the port + 10000) is a valid port and free too."""
+    for _ in range(100):
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no port pair for a cluster node")
+
+
+class RedisClusterNodes:
+    """Three redis-server nodes in cluster mode, the 16384 slots shared out among them by `redis-cli --cluster
+    create` (no replicas: the tests need the cluster's routing, not its failover). `url` names one node, as a
+    client's setting would; the client finds the others."""
+
+    def __init__(self, folder: Path) -> None:
+        self.cli = require_binary("redis-cli", "/usr/bin/redis-cli")
+        self.nodes = [
+            RedisServer(folder / f"node-{n}", "--cluster-enabled", "yes", "--cluster-node-timeout", "2000")
+            for n in range(3)
+        ]
+        for node in self.nodes:
+            node.port = _cluster_port()
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    def start(self) -> RedisClusterNodes:
+        for node in self.nodes:
+            node.start()
+        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        subprocess.run(
+            [self.cli, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=30,
+        )
+        deadline = time.monotonic() + 15
+        while True:
+            states = [
+                subprocess.run(
+                    [self.cli, "-p", str(node.port), "cluster", "info"], capture_output=True, text=True, timeout=5
+                ).stdout
+                for node in self.nodes
+            ]
+            if all("cluster_state:ok" in state for state in states):
+                return self
+            if time.monotonic() > deadline:
+                pytest.fail("the Redis cluster did not become ready")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self) -> RedisClusterNodes:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
