@@ -13,7 +13,8 @@ from moxy.cache.entry import Entry, storage_id
 from moxy.cache.fleet import Alone, Claim, Filled, FleetLocks, Lead
 from moxy.cache.freshness import FreshnessRules
 from moxy.cache.purges import PurgeLog
-from moxy.errors import UpstreamError
+from moxy.config import load_settings
+from moxy.errors import ConfigError, UpstreamError
 from moxy.policy import DestinationPolicy
 from moxy.proxy import CacheResult, Failed, Proxy, ProxyRequest, Served
 from moxy.signing import Signer
@@ -210,3 +211,25 @@ async def test_a_lead_that_finds_the_entry_already_stored_does_not_fetch():
     claim = await fleet(locks, {KEY: ENTRY}, sleeper).claim(KEY)
     assert claim == Filled(ENTRY, 0.0), "stored and released between this request's lookup and its claim"
     assert locks.holders == {}
+
+
+# -- settings ---------------------------------------------------------------------------------------------
+
+
+def test_fleet_settings_and_their_checks(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    monkeypatch.setenv("MOXY_KEY", KEY_FOR_SIGNING)
+    monkeypatch.setenv("MOXY_CACHE_DIR", str(tmp_path))
+    settings = load_settings(redis_url="redis://127.0.0.1:6379/0")
+    assert (settings.redis_timeout, settings.redis_lock_ttl, settings.redis_cluster) == (0.25, 10.0, False)
+    monkeypatch.setenv("MOXY_REDIS_CLUSTER", "true")
+    monkeypatch.setenv("MOXY_REDIS_TIMEOUT", "0.5")
+    settings = load_settings(redis_url="rediss://cluster.example:6380")
+    assert settings.redis_cluster and settings.redis_timeout == 0.5
+    settings.check()
+    with pytest.raises(ConfigError) as caught:
+        load_settings(redis_url="unix:///run/redis.sock").check()
+    assert caught.value.setting == "MOXY_REDIS_CLUSTER"
+    monkeypatch.setenv("MOXY_REDIS_TIMEOUT", "0")
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert caught.value.setting == "MOXY_REDIS_TIMEOUT"
