@@ -41,6 +41,7 @@ from moxy.upstream import Upstream
 
 __all__ = [
     "ADMIN_LISTENER",
+    "DRAINING",
     "ADMIN_PATHS",
     "ORIGIN_SECRET_HEADER",
     "Components",
@@ -213,6 +214,8 @@ class _Endpoints:
         return _json(orjson.dumps({"removed": removed, "surrogate_key": surrogate_key(upstream_url)}))
 
     async def readyz(self, request: Request) -> Response:
+        if DRAINING in (request.scope.get("extensions") or {}):
+            return _json(b'{"status":"draining"}', 503)
         # A failing optional part is reported, with 200: Moxy still answers requests without it.
         return _json(orjson.dumps({"status": "ready", "degraded": await self.degraded()}))
 
@@ -301,6 +304,10 @@ _OPERATIONAL_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 ADMIN_PATHS = frozenset({"/metrics", "/purge"})
 # The ASGI scope extension moxy.server sets on a request that arrived on the admin listener.
 ADMIN_LISTENER = "moxy.admin_listener"
+# The mark moxy.server puts in the scope's extensions of a request that arrives while its worker drains (it stopped
+# accepting: a reload replaced it, or it was told to stop). Readiness then says so, so a probe on a kept-alive
+# connection takes this worker out of a load balancer's rotation instead of being told all is well.
+DRAINING = "moxy.draining"
 
 
 def _refusals(components: Components, *, allow: str | None) -> Callable[[Request, Exception], Any]:

@@ -21,7 +21,7 @@ from uvicorn.server import ServerState
 from moxy import sending
 from moxy.config import Settings, load_settings
 from moxy.responses import SECURITY_HEADERS
-from moxy.routes import ADMIN_LISTENER
+from moxy.routes import ADMIN_LISTENER, DRAINING
 
 if TYPE_CHECKING:
     from uvicorn._types import ASGIReceiveCallable, ASGISendCallable, Scope
@@ -265,6 +265,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         if self.draining and self.cycle is not None:
             self.cycle.keep_alive = False  # a request during the drain: answered, with `Connection: close`
+            extensions = self.scope.setdefault("extensions", {})
+            extensions[DRAINING] = {}  # and /readyz says 503 (moxy.routes.DRAINING)
         sending.adopt(self.cycle, WRITE_STALL_SECONDS)
 
     def on_body(self, body: bytes) -> None:

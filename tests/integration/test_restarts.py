@@ -291,3 +291,27 @@ def test_a_worker_leaves_when_its_supervisor_is_gone_without_the_kernels_signal(
             worker.kill()
             worker.wait(5)
         listener.close()
+
+
+def test_readiness_turns_503_on_a_kept_connection_once_the_worker_drains(start_moxy: StartMoxy) -> None:
+    """A load balancer's probe on a kept-alive connection must learn that this worker is going (DESIGN: 503 only
+    while starting or draining), not be told it is ready until the connection drops."""
+    moxy = start_moxy(workers=1)
+    port = urlsplit(moxy.base_url).port
+    assert port is not None
+    probe = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        probe.request("GET", "/readyz")
+        ready = probe.getresponse()
+        assert (ready.status, ready.read()) == (200, b'{"status":"ready","degraded":[]}')
+        assert moxy.process is not None
+        moxy.process.send_signal(signal.SIGTERM)
+        # Well inside the keep-alive time (MOXY_KEEPALIVE_TIMEOUT, 5 s) during which the drain keeps it open.
+        time.sleep(1.0)
+        probe.request("GET", "/readyz")
+        draining = probe.getresponse()
+        assert (draining.status, draining.read()) == (503, b'{"status":"draining"}')
+        assert draining.getheader("connection") == "close" and draining.getheader("cache-control") == "no-store"
+    finally:
+        probe.close()
+    assert moxy.process.wait(timeout=15) == 0
