@@ -41,8 +41,8 @@ from moxy.upstream import Upstream
 
 __all__ = [
     "ADMIN_LISTENER",
-    "DRAINING",
     "ADMIN_PATHS",
+    "DRAINING",
     "ORIGIN_SECRET_HEADER",
     "Components",
     "OnHit",
