@@ -21,7 +21,12 @@ import anyio.to_thread
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError, RedisClusterException, RedisError
+from redis.exceptions import (
+    ConnectionError as RedisConnectionError,
+    RedisClusterException,
+    RedisError,
+    TimeoutError as RedisTimeoutError,
+)
 
 from moxy.body import digest_bytes
 from moxy.cache.entry import BodyFile, CorruptEntry, Entry, decode_entry, encode_entry, storage_id
@@ -37,6 +42,7 @@ _REDIS = "redis"  # the one "host" of the gate
 # What a call to Redis can raise when Redis is down, slow, restarting or refusing (a cluster with no known node
 # raises the cluster's own exception, which is not a RedisError).
 _FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
+_TIMEOUTS = (RedisTimeoutError, TimeoutError)
 # Purges kept in the stream for hosts that were away: a host disconnected for fewer purges than this replays every
 # one it missed when it comes back. About 150 bytes each in Redis.
 PURGE_BACKLOG = 100_000
@@ -66,7 +72,10 @@ class RedisLink:
 
     A slow or dead Redis must cost the request path nothing: at most `max_connections` calls at once (each holds a
     connection), a bounded wait for one, every call bounded by `timeout`, and after `failure_threshold` failures in
-    a row no call at all for `cooldown` seconds; then one call probes, and success reopens the link."""
+    a row no call at all for `cooldown` seconds; then one call probes, and success reopens the link. A call that
+    timed out stops every call at once for `cooldown` (not after `failure_threshold` of them): a request makes
+    several Redis calls (lookup, lock, store), and each may cost the whole timeout, so without this one request
+    could pay it more than once. A quick failure (refused, reset) costs nothing and waits for the threshold."""
 
     def __init__(
         self,
@@ -82,6 +91,8 @@ class RedisLink:
         self.cluster = cluster
         self.timeout = timeout
         self.errors = 0
+        self.cooldown = cooldown
+        self._quiet_until = 0.0  # after a timeout: no call until then
         # Typed loosely: Redis and RedisCluster offer the same commands with differently spelled signatures.
         self.client: Any = _connect(url, cluster=cluster, timeout=timeout, max_connections=max_connections)
         self._gate = HostGate(
@@ -94,10 +105,17 @@ class RedisLink:
 
     async def guarded(self, call: Callable[[], Awaitable[T]]) -> T | None:
         """`call`'s result, or None when Redis failed, is cooling down, or every connection is busy."""
+        if self._quiet_until and self._quiet_until > time.monotonic():
+            return None
         try:
             async with self._gate.slot(_REDIS):
                 result = await call()
         except (HostBusy, HostUnavailable):
+            return None
+        except _TIMEOUTS:
+            self.errors += 1
+            self._gate.failed(_REDIS)
+            self._quiet_until = time.monotonic() + self.cooldown
             return None
         except _FAILURES:
             self.errors += 1
@@ -106,19 +124,22 @@ class RedisLink:
         self._gate.succeeded(_REDIS)
         return result
 
-    def observed(self, ok: bool) -> None:
+    def observed(self, ok: bool, *, timed_out: bool = False) -> None:
         """Count the outcome of a call made outside `guarded` (the purge stream's blocking read). That reader keeps
         trying in the background, so it, not a client's request, is what finds a dead Redis back and closes the
         breaker again; while Redis stays down its failures keep the breaker open."""
         if ok:
+            self._quiet_until = 0.0
             self._gate.succeeded(_REDIS)
         else:
             self.errors += 1
             self._gate.failed(_REDIS)
+            if timed_out:
+                self._quiet_until = time.monotonic() + self.cooldown
 
     def is_down(self) -> bool:
         """Whether the breaker refuses calls right now (nothing is sent to find out)."""
-        return self._gate.is_open(_REDIS)
+        return self._quiet_until > time.monotonic() or self._gate.is_open(_REDIS)
 
     def blocking_client(self, block: float) -> Any:
         """A client of its own for one long blocking read: its socket waits `block` longer than the others', and it
@@ -332,6 +353,9 @@ class RedisFleet:
             self._reader = self.link.blocking_client(block)
         try:
             answer = await self._reader.xread({self.stream: after}, count=1000, block=max(1, int(block * 1000)))
+        except _TIMEOUTS:
+            self.link.observed(False, timed_out=True)
+            return None
         except _FAILURES:
             self.link.observed(False)
             return None

@@ -24,15 +24,22 @@ PNG_HEAD = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"
 
 
 def start_fleet(
-    start_moxy: Callable[..., MoxyServer], folder: Path, redis_url: str, **settings: Any
+    start_moxy: Callable[..., MoxyServer],
+    folder: Path,
+    redis_url: str,
+    *,
+    workers: tuple[int, int, int] = (1, 1, 1),
+    **settings: Any,
 ) -> list[MoxyServer]:
-    """Hosts a, b and c, started at once (each start waits for its /healthz)."""
+    """Hosts a, b and c (with that many workers each), started at once (each start waits for its /healthz)."""
     for name in "abc":
         (folder / name).mkdir(parents=True, exist_ok=True)
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         futures = [
-            pool.submit(start_moxy, folder / name / "cache", redis_url=redis_url, purge_token=TOKEN, **settings)
-            for name in "abc"
+            pool.submit(
+                start_moxy, folder / name / "cache", redis_url=redis_url, purge_token=TOKEN, workers=count, **settings
+            )
+            for name, count in zip("abc", workers, strict=True)
         ]
         return [future.result() for future in futures]
 

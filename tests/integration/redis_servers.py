@@ -1,12 +1,12 @@
 """redis-server processes for the integration tests (on 127.0.0.1, in a temporary folder), and a TCP relay that
-makes a Redis slow on demand.
+makes a Redis slow, or unreachable, on demand.
 
-    with RedisServer(folder) as redis:       # redis.url; redis.kill(); redis.start() again on the same port
+    with RedisServer(folder) as redis:          # redis.url; redis.kill(); redis.start() again on the same port
         ...
     with RedisClusterNodes(folder) as cluster:  # three masters sharing the slots; cluster.url names one of them
         ...
-    with LatencyRelay(redis.port) as relay:  # relay.url reaches the same Redis; relay.delay = 2.0 makes it slow
-        ...
+    with LatencyRelay(redis.port) as relay:     # relay.url reaches the same Redis; relay.delay = 2.0 makes it
+        ...                                     # slow, relay.cut() cuts it off until relay.restore()
 
 A missing redis-server fails the test under CI=true and skips it elsewhere (tests/integration/servers.py)."""
 
@@ -87,6 +87,7 @@ class LatencyRelay:
         self.target_port = target_port
         self.port = free_port()
         self.delay = 0.0
+        self.severed = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.Server | None = None
@@ -105,7 +106,23 @@ class LatencyRelay:
     async def _listen(self) -> None:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
 
+    def cut(self) -> None:
+        """Drop every relayed connection and every new one until restore(): a host cut off from Redis."""
+
+        def sever() -> None:
+            self.severed = True
+            for writer in self._writers:
+                writer.transport.abort()
+
+        self._loop.call_soon_threadsafe(sever)
+
+    def restore(self) -> None:
+        self.severed = False
+
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.severed:
+            writer.transport.abort()
+            return
         task = self._loop.create_task(self._relay(reader, writer))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -16,8 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from moxy.cache.purges import POLL_SECONDS
 from moxy.cache.vary import AVIF_WEBP, WEBP
-from tests.integration.fleet import PNG_HEAD, Stream, percentile, purge, start_fleet, wait_for
+from tests.integration.fleet import PNG_HEAD, TOKEN, Stream, percentile, purge, start_fleet, wait_for
 from tests.integration.moxy_server import MoxyServer
 from tests.integration.origin import Origin, RecordedRequest, Reply
 from tests.integration.redis_servers import LatencyRelay, RedisServer
@@ -69,7 +70,8 @@ def test_a_purge_through_one_host_reaches_the_others_for_every_variant(
         return Reply(headers={**PICTURE, "Vary": "Accept"}, body=body(accept, version[0]), delay_headers=0.2)
 
     origin.route("/pic.png", picture)
-    a, b, c = start_fleet(start_moxy, tmp_path, redis.url, redis_timeout=REDIS_TIMEOUT)
+    # C runs two workers: one follows the stream for the host, the other reads the purge log.
+    a, b, c = start_fleet(start_moxy, tmp_path, redis.url, redis_timeout=REDIS_TIMEOUT, workers=(1, 1, 2))
     url = origin.url("/pic.png")
     for accept in ACCEPTS:
         assert get(a, url, accept).headers["x-moxy-cache"] == "MISS"
@@ -85,6 +87,9 @@ def test_a_purge_through_one_host_reaches_the_others_for_every_variant(
     took = time.monotonic() - started
     delays = {name: took + wait_for(functools.partial(logged, host, url), 2.0) for name, host in (("b", b), ("c", c))}
     assert max(delays.values()) < 1.0, delays
+    # Every worker of a host polls the log that often: the bound on the host's other workers, within the second.
+    time.sleep(POLL_SECONDS + 0.05)
+    assert (c.cache_dir / "purges.log").read_bytes().count(url.encode()) == 1, "written once for the host's workers"
     for accept in ACCEPTS:
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             answers = list(pool.map(get, (b, c), (url, url), (accept, accept)))
@@ -95,7 +100,8 @@ def test_a_purge_through_one_host_reaches_the_others_for_every_variant(
         assert get(a, url, accept).content == body(accept, 2)
     assert origin.hits("/pic.png") == 3
     print(f"\nfan-out: purge answered in {took * 1000:.0f} ms; in the logs of b, c after", end=" ")
-    print(", ".join(f"{name} {delay * 1000:.0f} ms" for name, delay in delays.items()))
+    print(", ".join(f"{name} {delay * 1000:.0f} ms" for name, delay in delays.items()), end="")
+    print(f"; a host's other workers poll the log every {POLL_SECONDS * 1000:.0f} ms")
 
 
 @pytest.mark.anyio
@@ -181,8 +187,22 @@ def test_redis_killed_and_restarted_under_load(
     origin: Origin, start_moxy: StartMoxy, redis: RedisServer, tmp_path: Path
 ) -> None:
     hosts = start_fleet(start_moxy, tmp_path, redis.url, redis_timeout=REDIS_TIMEOUT)
+    a, b, _ = hosts
+    body = [PNG_HEAD + b"before the outage" * 20]
+    origin.route("/during.png", lambda request: Reply(headers=PICTURE, body=body[0]))
+    during = origin.url("/during.png")
+    assert get(a, during).headers["x-moxy-cache"] == "MISS"
+    assert get(b, during).headers["x-moxy-cache"] == "HIT"
+
+    def kill_and_purge() -> None:
+        redis.kill()
+        body[0] = PNG_HEAD + b"after the outage" * 20
+        assert purge(a, during).status_code == 200, "taken here while Redis is down, sent once it is back"
+
     print("\nRedis killed (SIGKILL) and restarted empty:", end="")
-    _stream_through_an_outage(hosts, origin, fail=redis.kill, heal=redis.start)
+    _stream_through_an_outage(hosts, origin, fail=kill_and_purge, heal=redis.start)
+    wait_for(lambda: logged(b, during), 2.0)
+    assert get(b, during).content == body[0], "the purge taken during the outage reached B"
     _sharing_and_fan_out_work(hosts, origin, "after-restart")
 
 
@@ -203,3 +223,36 @@ def test_slow_redis_costs_at_most_its_timeout(
         _sharing_and_fan_out_work(hosts, origin, "after-slow")
         for host in hosts:
             host.stop()  # before the relay goes: a clean stop, with Redis still reachable
+
+
+def test_a_host_cut_off_during_a_purge_applies_it_when_back(
+    origin: Origin, start_moxy: StartMoxy, redis: RedisServer, tmp_path: Path
+) -> None:
+    """The stream, not pub/sub: B misses the purge while cut off from Redis, and reads it when it reconnects."""
+    body = [PNG_HEAD + b"old" * 100]
+    origin.route("/cut.png", lambda request: Reply(headers=PICTURE, body=body[0]))
+    url = origin.url("/cut.png")
+    with LatencyRelay(redis.port) as relay:
+        for name in "ab":
+            (tmp_path / name).mkdir()
+        settings = {"redis_timeout": REDIS_TIMEOUT, "purge_token": TOKEN}
+        a = start_moxy(tmp_path / "a" / "cache", redis_url=redis.url, **settings)
+        b = start_moxy(tmp_path / "b" / "cache", redis_url=relay.url, **settings)
+        assert get(a, url).headers["x-moxy-cache"] == "MISS"
+        assert get(b, url).headers["x-moxy-cache"] == "HIT"
+        relay.cut()
+        wait_for(lambda: "redis" in ready(b), 5.0, step=0.05)
+        body[0] = PNG_HEAD + b"new" * 100
+        assert purge(a, url).status_code == 200
+        time.sleep(1.0)
+        assert not logged(b, url), "cut off: B cannot know yet"
+        relay.restore()
+        started = time.monotonic()
+        caught_up = wait_for(lambda: logged(b, url), 5.0)
+        assert get(b, url).content == body[0], "B never serves the purged copy once back"
+        wait_for(lambda: ready(b) == [], 5.0, step=0.05)
+        ready_again = time.monotonic() - started
+        print(f"\ncut off during a purge: applied {caught_up * 1000:.0f} ms after the link came back", end="")
+        print(f" (ready without degradation after {ready_again:.2f} s)")
+        for host in (a, b):
+            host.stop()
