@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import trustme
 from redis.asyncio import Redis
 
 from moxy.cache.entry import Entry
@@ -148,4 +149,29 @@ async def test_slow_redis_costs_one_timeout_then_nothing(redis_server: RedisServ
         assert not link.is_down(), "and its success reopens the link at once, before any request pays for a probe"
         assert isinstance(await locks.claim("after", nothing), Lead)
         await fleet.aclose()
+        await link.aclose()
+
+
+@pytest.mark.anyio
+async def test_rediss_checks_the_servers_certificate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    ca = trustme.CA()
+    issued = ca.issue_cert("localhost")
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    issued.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    issued.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    tls = ["--tls-cert-file", str(tmp_path / "cert.pem"), "--tls-key-file", str(tmp_path / "key.pem")]
+    server = RedisServer(tmp_path / "redis", *tls, "--tls-ca-cert-file", str(tmp_path / "ca.pem"))
+    server.extra += ("--tls-auth-clients", "no", "--tls-port", str(server.port), "--port", "0")
+    with server:
+        url = f"rediss://localhost:{server.port}/0"
+        untrusted = RedisLink(url, timeout=1.0)
+        assert await untrusted.ping() is False, "a certificate from an unknown CA is refused"
+        await untrusted.aclose()
+        # The system's trust, extended the usual way (OpenSSL reads SSL_CERT_FILE): no Moxy setting needed.
+        monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+        link = RedisLink(url, timeout=1.0)
+        storage = RedisStorage(link)
+        entry = make_entry(URL, b"\x89PNG over TLS", stored_at=time.time(), lifetime=600.0)
+        await storage.put(entry)
+        assert await storage.get(entry.key) == entry
         await link.aclose()
