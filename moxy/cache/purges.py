@@ -149,7 +149,11 @@ class PurgeLog:
             return
         delay = BACKOFF_MIN
         while True:
-            if not await asyncio.to_thread(self._lead):
+            try:
+                leading = await asyncio.to_thread(self._lead)
+            except OSError:
+                leading = False  # the cache folder takes no lock file now: try again, as for a taken lock
+            if not leading:
                 await asyncio.sleep(LEADER_RETRY_SECONDS)
                 continue
             try:

@@ -277,3 +277,15 @@ async def test_follow_reconnects_and_applies(tmp_path: Path, monkeypatch: pytest
 
 async def test_no_channel_no_follower(tmp_path: Path) -> None:
     await PurgeLog(tmp_path / "purges.log").follow()  # returns at once
+
+
+async def test_a_folder_without_room_for_the_lock_file_does_not_end_the_follower(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(moxy.cache.purges, "LEADER_RETRY_SECONDS", 0.01)
+    blocker = tmp_path / "cache"
+    blocker.write_bytes(b"not a folder")
+    follower = asyncio.create_task(PurgeLog(blocker / "purges.log", FakeChannel()).follow())
+    await asyncio.sleep(0.05)
+    assert not follower.done(), "still trying"
+    follower.cancel()
