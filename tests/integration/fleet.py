@@ -106,14 +106,14 @@ class Stream:
                 index = (client + turn) % len(self.hosts)
                 host = self.hosts[index]
                 url = self.cold_url(next(self._numbers)) if turn % 2 == 0 else self.warm_url
-                phase = self.phase
                 started = time.monotonic()
                 try:
                     answer = http.get(host.sign(url))
                     status, cache = answer.status_code, answer.headers.get("x-moxy-cache", "")
                 except httpx.HTTPError:
                     status, cache = 599, "transport-error"
-                sample = Sample(phase, index, status, time.monotonic() - started, cache)
+                # A request still under way when the phase changed met the new one (the outage): counted there.
+                sample = Sample(self.phase, index, status, time.monotonic() - started, cache)
                 with self._lock:
                     self.samples.append(sample)
 

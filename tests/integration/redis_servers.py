@@ -17,7 +17,7 @@ import contextlib
 import signal
 import socket
 import subprocess
-import threading
+import sys
 import time
 from pathlib import Path
 
@@ -81,92 +81,108 @@ class RedisServer:
 
 class LatencyRelay:
     """Relays TCP connections from its own port to `target_port`, holding every chunk Redis sends back for `delay`
-    seconds (set it at any time: it applies to chunks relayed from then on). Runs its own loop in a thread."""
+    seconds (set it at any time: it applies to chunks relayed from then on). It runs in a process of its own (this
+    module run as a script), so the test's client threads cannot slow the relay down, and is steered over a small
+    control port."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.port = free_port()
-        self.delay = 0.0
-        self.severed = False
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.control_port = free_port()
+        self._delay = 0.0
+        self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> LatencyRelay:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._listen(), self._loop).result(timeout=10)
-        return self
+    @property
+    def delay(self) -> float:
+        return self._delay
 
-    async def _listen(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+    @delay.setter
+    def delay(self, seconds: float) -> None:
+        self._command(f"delay {seconds}")
+        self._delay = seconds
 
     def cut(self) -> None:
         """Drop every relayed connection and every new one until restore(): a host cut off from Redis."""
-
-        def sever() -> None:
-            self.severed = True
-            for writer in self._writers:
-                writer.transport.abort()
-
-        self._loop.call_soon_threadsafe(sever)
+        self._command("cut")
 
     def restore(self) -> None:
-        self.severed = False
+        self._command("restore")
 
-    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.severed:
-            writer.transport.abort()
-            return
-        task = self._loop.create_task(self._relay(reader, writer))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def start(self) -> LatencyRelay:
+        ports = [str(self.port), str(self.target_port), str(self.control_port)]
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.integration.redis_servers", *ports], cwd=Path(__file__).parents[2]
+        )
+        _wait_listening(self.control_port, self.process, "the latency relay")
+        _wait_listening(self.port, self.process, "the latency relay")
+        return self
 
-    async def _relay(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
-        self._writers.add(client_writer)
-        try:
-            server_reader, server_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            client_writer.close()
-            return
-        self._writers.add(server_writer)
-
-        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, slow: bool) -> None:
-            with contextlib.suppress(OSError):
-                while data := await reader.read(65536):
-                    if slow and self.delay:
-                        await asyncio.sleep(self.delay)
-                    writer.write(data)
-                    await writer.drain()
-            writer.close()
-
-        await asyncio.gather(pipe(client_reader, server_writer, False), pipe(server_reader, client_writer, True))
+    def _command(self, line: str) -> None:
+        with socket.create_connection(("127.0.0.1", self.control_port), timeout=5) as control:
+            control.sendall(line.encode() + b"\n")
+            assert control.recv(16) == b"ok\n"
 
     def stop(self) -> None:
-        async def close() -> None:
-            if self._server is not None:
-                self._server.close()
-            for writer in self._writers:
-                writer.close()
-            for task in list(self._tasks):
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-
-        asyncio.run_coroutine_threadsafe(close(), self._loop).result(timeout=10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        self._loop.close()
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
 
     def __enter__(self) -> LatencyRelay:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+async def _relay(listen_port: int, target_port: int, control_port: int) -> None:
+    """The relay process: see LatencyRelay."""
+    state = {"delay": 0.0, "severed": False}
+    writers: set[asyncio.StreamWriter] = set()
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, slow: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := await reader.read(65536):
+                if slow and state["delay"]:
+                    await asyncio.sleep(state["delay"])
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def relay(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        if state["severed"]:
+            client_writer.transport.abort()
+            return
+        try:
+            server_reader, server_writer = await asyncio.open_connection("127.0.0.1", target_port)
+        except OSError:
+            client_writer.transport.abort()
+            return
+        writers.update((client_writer, server_writer))
+        await asyncio.gather(pipe(client_reader, server_writer, False), pipe(server_reader, client_writer, True))
+        writers.difference_update((client_writer, server_writer))
+
+    async def control(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        command, _, value = (await reader.readline()).decode().strip().partition(" ")
+        if command == "delay":
+            state["delay"] = float(value)
+        elif command == "cut":
+            state["severed"] = True
+            for relayed in list(writers):
+                relayed.transport.abort()
+        elif command == "restore":
+            state["severed"] = False
+        writer.write(b"ok\n")
+        await writer.drain()
+        writer.close()
+
+    relays = await asyncio.start_server(relay, "127.0.0.1", listen_port)
+    controls = await asyncio.start_server(control, "127.0.0.1", control_port)
+    async with relays, controls:
+        await asyncio.Event().wait()  # until terminated
 
 
 def _cluster_port() -> int:
@@ -236,3 +252,7 @@ class RedisClusterNodes:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+if __name__ == "__main__":
+    asyncio.run(_relay(*(int(port) for port in sys.argv[1:4])))

@@ -109,7 +109,9 @@ async def test_concurrent_cold_misses_over_three_hosts_make_one_upstream_request
     origin: Origin, start_moxy: StartMoxy, redis: RedisServer, tmp_path: Path
 ) -> None:
     origin.route("/slow.png", Reply(headers=PICTURE, body=PNG_HEAD + b"slow" * 500, delay_headers=0.5))
-    hosts = start_fleet(start_moxy, tmp_path, redis.url, redis_timeout=REDIS_TIMEOUT)
+    # What is counted here is upstream requests, not latency: a host whose event loop stalls past the Redis timeout
+    # under this burst (a loaded CI machine) would rightly fetch alone, so the timeout is set well above the stall.
+    hosts = start_fleet(start_moxy, tmp_path, redis.url, redis_timeout=1.0)
     url = origin.url("/slow.png")
     signed = [host.sign(url) for host in hosts]
     limits = httpx.Limits(max_connections=300, max_keepalive_connections=0)
@@ -145,12 +147,12 @@ def _stream_through_an_outage(
     origin.route("/warm.png", Reply(headers=PICTURE, body=PNG_HEAD + b"warm" * 100))
     stream = Stream(hosts, lambda number: origin.url(f"/img?n={number}"), origin.url("/warm.png"))
     with stream:
-        time.sleep(1.5)
+        time.sleep(1.0)
         stream.phase = "down"
         fail()
-        time.sleep(0.5)
+        time.sleep(0.4)
         assert all("redis" in ready(host) for host in hosts), "degraded, with 200"
-        time.sleep(1.5)
+        time.sleep(1.0)
         stream.phase = "back"
         heal()
         healed = wait_for(lambda: all(ready(host) == [] for host in hosts), 10.0, step=0.05)
