@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import time
+from pathlib import Path
 
+import httpx
 import pytest
 
 
@@ -20,3 +24,18 @@ def require_binary(name: str, *candidates: str) -> str:
     if os.environ.get("CI") == "true":
         pytest.fail(f"{name} is not installed (required in CI)")
     pytest.skip(f"{name} is not installed")
+
+
+def wait_until_healthy(process: subprocess.Popen[bytes], base_url: str, log_path: Path, seconds: float) -> None:
+    """Wait for `base_url`/healthz to answer 200; fails with the end of the process's log if it exits first or
+    does not answer within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        assert process.poll() is None, f"{process.args!r} exited {process.returncode}:\n{log_path.read_text()[-3000:]}"
+        try:
+            if httpx.get(base_url + "/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"{process.args!r} did not serve:\n{log_path.read_text()[-3000:]}"
+        time.sleep(0.1)

@@ -32,6 +32,7 @@ import pytest
 
 from tests.assets import PNG
 from tests.integration.origin import Origin, Reply
+from tests.integration.servers import wait_until_healthy
 from tests.net import free_port
 
 pytestmark = pytest.mark.integration
@@ -98,16 +99,7 @@ def served(origin: Origin, tmp_path: Path) -> Iterator[tuple[Path, dict[str, str
         make = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + START_SECONDS
-        while True:
-            assert make.poll() is None, f"`make run` exited {make.returncode}:\n{log_path.read_text()[-3000:]}"
-            try:
-                if httpx.get(base + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, f"`make run` did not serve:\n{log_path.read_text()[-3000:]}"
-            time.sleep(0.1)
+        wait_until_healthy(make, base, log_path, START_SECONDS)
         banner = log_path.read_text()
         assert f"generated a new key in {work / 'var' / 'moxy.key'}" in banner
         assert f"cache in {work / 'var' / 'cache'}" in banner

@@ -17,7 +17,6 @@ import stat
 import subprocess
 import sys
 import sysconfig
-import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import pytest
 from moxy import __version__
 from tests.assets import PNG
 from tests.integration.origin import Origin, Reply
+from tests.integration.servers import wait_until_healthy
 from tests.net import free_port
 
 pytestmark = pytest.mark.integration
@@ -118,16 +118,7 @@ def test_the_wheel_serves_a_signed_url_from_any_folder(installed: Path, origin: 
         server = subprocess.Popen(["moxy", "serve", "--init-key"], cwd=here, env=env, stdout=log, stderr=log)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + START_SECONDS
-        while True:
-            assert server.poll() is None, f"moxy serve exited {server.returncode}:\n{log_path.read_text()[-3000:]}"
-            try:
-                if httpx.get(base + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, f"moxy serve did not start:\n{log_path.read_text()[-3000:]}"
-            time.sleep(0.1)
+        wait_until_healthy(server, base, log_path, START_SECONDS)
         key_file = home / ".config" / "moxy" / "moxy.key"
         assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
         assert f"cache in {home / '.cache' / 'moxy'}" in log_path.read_text()
