@@ -22,6 +22,7 @@ from urllib.parse import parse_qsl
 
 from cachetools import LRUCache
 
+from moxy.cache.entry import make_key
 from moxy.cache.freshness import Decision, current_age, decide
 from moxy.proxy import CacheResult, Served
 from moxy.responses import EntryFields, content_length, entry_fields, hit_headers, send_body
@@ -70,6 +71,9 @@ class PreparedHit:
     length: tuple[bytes, bytes]
     url_expires_at: float | None
     size: int  # bytes it holds (key and header fields), which the memo's byte bound counts
+    # For a variant (its upstream answered with Vary), the URL's own key, where the index that leads to it must
+    # still be: once the upstream stops varying, the full flow reads the URL's new entry, and so must the memo.
+    index_key: str | None = None
 
     def headers_at(self, age: float) -> list[tuple[bytes, bytes]]:
         headers = hit_headers(self.fields, age)
@@ -135,11 +139,16 @@ class HitMemo:
             or (prepared.url_expires_at is not None and now >= prepared.url_expires_at)
             or not self.memory.holds(entry)
             or (self.purges is not None and self.purges.covers(entry))
+            or (prepared.index_key is not None and not self._leads_to(prepared.index_key, entry))
         ):
             # Dropped rather than refreshed: the full flow decides what happens next and prepares anew.
             self._prepared.pop(key, None)
             return None
         return prepared, entry, now
+
+    def _leads_to(self, index_key: str, entry: Entry) -> bool:
+        index = self.memory.resident(index_key)
+        return index is not None and index.is_index and index.vary == entry.vary
 
     def learn(self, scope: Scope, served: Served) -> None:
         """Prepare the answer the full flow just gave `scope`, when it was a plain 200 HIT from the memory tier
@@ -160,12 +169,15 @@ class HitMemo:
         path, signed, values = key
         size = _ENTRY_OVERHEAD + len(path) + sum(len(name) + len(value) for name, value in signed)
         size += sum(len(value) for value in values) + sum(len(name) + len(value) for name, value in fields.fields)
+        index_key = make_key(entry.url, ()) if entry.vary else None
+        size += len(index_key or "")
         self._prepared[key] = PreparedHit(
             entry=weakref.ref(entry),
             fields=fields,
             length=content_length(entry.length),
             url_expires_at=url_expires_at,
             size=size,
+            index_key=index_key,
         )
 
     def eligible(self, entry: Entry) -> bool:

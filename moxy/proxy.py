@@ -21,7 +21,7 @@ from moxy.cache.entry import BodyFile, Entry, make_key, variant_index
 from moxy.cache.fleet import Alone, Filled, FleetLocks, Lead
 from moxy.cache.freshness import Decision, FreshnessRules, assess, current_age, decide, is_storable, usable_on_error
 from moxy.cache.purges import PurgeLog
-from moxy.cache.vary import normalise, variant, vary_names
+from moxy.cache.vary import ANY_HEADER, normalise, variant, vary_names
 from moxy.errors import DestinationRefused, ExpiredURL, MoxyError, UpstreamError, VerificationError
 from moxy.fields import valid_field_value
 from moxy.media import media_family
@@ -176,8 +176,9 @@ class Proxy:
         # The entry: the URL's own, or, when its upstream answered with Vary, the variant the index names.
         slot = make_key(url, ())
         entry = await self._lookup(slot)
-        if entry is not None and entry.is_index:
-            slot = make_key(url, variant(entry.vary, forwarded))
+        index = entry if entry is not None and entry.is_index else None
+        if index is not None:
+            slot = make_key(url, variant(index.vary, forwarded))
             entry = await self._lookup(slot)
         now = self.clock()
         if entry is not None:
@@ -200,7 +201,7 @@ class Proxy:
                 if served is not None:
                     return served
             return Failed(error, CacheResult.MISS, upstream_status=status)
-        return await self._coalesced(slot, key, url, forwarded, entry)
+        return await self._coalesced(slot, key, url, forwarded, entry, kind=index)
 
     async def _lookup(self, slot: str) -> Entry | None:
         entry = await self.storage.get(slot)
@@ -267,39 +268,50 @@ class Proxy:
         stale: Entry | None,
         *,
         rejoin: bool = True,
+        kind: Entry | None = None,
     ) -> Outcome:
-        """The outcome of one fetch shared by every request for the entry `slot` (key: this request's own)."""
+        """The outcome of one fetch shared by every request for the entry `slot` (key: this request's own). `kind`:
+        an entry of the URL that tells what kind of answer it gives, when this request has no copy of its own."""
         if key in self._uncacheable:
             # The last answer for this key could not be stored: queueing behind one fetch would only serialise
             # the clients, so each fetches on its own.
-            return await self._fetch_and_store(key, url, forwarded, stale, store=False)
+            return await self._fetch_and_store(key, url, forwarded, stale, store=False, kind=kind)
         task = self._inflight.get(slot)
         if task is None:
             # The request that starts the fetch waits for it whatever it takes (the upstream timeouts bound it);
             # the lock timeout is for those queued behind someone else's fetch.
-            return await asyncio.shield(self._start(slot, key, url, forwarded, stale))
+            return await asyncio.shield(self._start(slot, key, url, forwarded, stale, kind))
         try:
             # shield: a client that goes away must not cancel the fetch the other waiters share.
             outcome = await asyncio.wait_for(asyncio.shield(task), timeout=self.lock_timeout)
         except TimeoutError:
-            return await self._fetch_and_store(key, url, forwarded, stale, store=False)
+            return await self._fetch_and_store(key, url, forwarded, stale, store=False, kind=kind)
+        if isinstance(outcome, Served) and outcome.entry.vary == ANY_HEADER:
+            # An answer that varies on everything is nobody else's: this request asks for its own.
+            return await self._fetch_and_store(key, url, forwarded, stale, store=False, kind=kind)
         if isinstance(outcome, Served) and outcome.entry.vary:
             # Shared before anyone knew the answer varies: it is this request's only if its own headers pick the
             # same variant. Otherwise it joins (or starts) the fetch of its variant, once.
             own = make_key(url, variant(outcome.entry.vary, forwarded))
             if own != outcome.entry.key:
                 if not rejoin:
-                    return await self._fetch_and_store(key, url, forwarded, stale, store=False)
-                return await self._coalesced(own, key, url, forwarded, stale, rejoin=False)
+                    return await self._fetch_and_store(key, url, forwarded, stale, store=False, kind=kind)
+                return await self._coalesced(own, key, url, forwarded, stale, rejoin=False, kind=kind)
         return outcome
 
     def _start(
-        self, slot: str, key: str, url: str, forwarded: dict[str, str], stale: Entry | None
+        self,
+        slot: str,
+        key: str,
+        url: str,
+        forwarded: dict[str, str],
+        stale: Entry | None,
+        kind: Entry | None = None,
     ) -> asyncio.Task[Outcome]:
         if self.fleet is not None and stale is None:
-            fetch = self._fetch_across_hosts(self.fleet, slot, key, url, forwarded)
+            fetch = self._fetch_across_hosts(self.fleet, slot, key, url, forwarded, kind)
         else:
-            fetch = self._fetch_and_store(key, url, forwarded, stale, store=True)
+            fetch = self._fetch_and_store(key, url, forwarded, stale, store=True, kind=kind)
         task = asyncio.get_running_loop().create_task(fetch)
         self._inflight[slot] = task
         task.add_done_callback(
@@ -308,7 +320,7 @@ class Proxy:
         return task
 
     async def _fetch_across_hosts(
-        self, fleet: FleetLocks, slot: str, key: str, url: str, forwarded: dict[str, str]
+        self, fleet: FleetLocks, slot: str, key: str, url: str, forwarded: dict[str, str], kind: Entry | None
     ) -> Outcome:
         """A cold miss of the entry `slot` when many hosts share Redis: one host fetches, the others wait for it and
         serve what it stored; anything wrong with Redis, and this host fetches for itself at once."""
@@ -323,7 +335,7 @@ class Proxy:
         match claim:
             case Lead():
                 try:
-                    return await self._fetch_and_store(key, url, forwarded, None, store=True)
+                    return await self._fetch_and_store(key, url, forwarded, None, store=True, kind=kind)
                 finally:
                     await fleet.release(claim)
             case Filled(entry=entry):
@@ -331,9 +343,9 @@ class Proxy:
                 served = await self._serve(entry, CacheResult.MISS, self.clock())
                 if served is not None:
                     return served
-                return await self._fetch_and_store(key, url, forwarded, None, store=True)
+                return await self._fetch_and_store(key, url, forwarded, None, store=True, kind=kind)
             case Alone():
-                return await self._fetch_and_store(key, url, forwarded, None, store=True)
+                return await self._fetch_and_store(key, url, forwarded, None, store=True, kind=kind)
             case _:
                 assert_never(claim)
 
@@ -350,7 +362,14 @@ class Proxy:
     # -- fetch, validate, store ----------------------------------------------------
 
     async def _fetch_and_store(
-        self, key: str, url: str, forwarded: dict[str, str], stale: Entry | None, *, store: bool
+        self,
+        key: str,
+        url: str,
+        forwarded: dict[str, str],
+        stale: Entry | None,
+        *,
+        store: bool,
+        kind: Entry | None = None,
     ) -> Outcome:
         headers = dict(forwarded)
         if stale is not None:
@@ -367,7 +386,7 @@ class Proxy:
             return await self._failure(key, stale, exc, None, time.perf_counter() - started)
         elapsed = time.perf_counter() - started
         try:
-            return await self._accept(key, url, forwarded, stale, response, elapsed, store=store)
+            return await self._accept(key, url, forwarded, stale, response, elapsed, store=store, kind=kind)
         finally:
             if response.body_path is not None:
                 _unlink_quietly(response.body_path)
@@ -382,6 +401,7 @@ class Proxy:
         elapsed: float,
         *,
         store: bool,
+        kind: Entry | None = None,
     ) -> Outcome:
         status = response.status
         if status == 304 and stale is not None:
@@ -410,8 +430,11 @@ class Proxy:
             complete_body=len(sample) == response.length,
         )
         verdict = await offload(len(sample), lambda: self.validators.validate(candidate))
-        if not isinstance(verdict, Reject) and stale is not None:
-            verdict = _same_kind_as(stale, response.headers.get("content-type", ""), self.clock())
+        # The copy this answer would replace, or, for a variant not fetched yet, the index that stands for the URL's
+        # other variants: an answer of another kind replaces neither while they could stand in on error.
+        kept = stale if stale is not None else kind
+        if not isinstance(verdict, Reject) and kept is not None:
+            verdict = _same_kind_as(kept, response.headers.get("content-type", ""), self.clock())
         if isinstance(verdict, Reject):
             if self.on_rejection is not None:
                 self.on_rejection(verdict.reason, url)
@@ -419,6 +442,7 @@ class Proxy:
             return await self._failure(key, stale, error, status, elapsed, detail=verdict.detail)
         now = self.clock()
         names = vary_names(response.headers.get("vary", ""), self.forward_headers)
+        vary = ANY_HEADER if names is None else names
         fresh = assess(
             response.headers,
             request_time=response.request_time,
@@ -426,7 +450,8 @@ class Proxy:
             rules=self.freshness,
         )
         entry = Entry(
-            key=make_key(url, variant(names or (), forwarded)),
+            # An answer that varies on everything is never stored: its key is only this request's own.
+            key=key if names is None else make_key(url, variant(names, forwarded)),
             url=url,
             status=status,
             headers=tuple((name, value) for name, value in response.headers.items() if name in STORED_HEADERS),
@@ -441,7 +466,7 @@ class Proxy:
             last_modified=response.headers.get("last-modified"),
             digest=digest,
             length=response.length,
-            vary=names or (),
+            vary=vary,
             body=body if isinstance(body, bytes) else BodyFile(response.body_path or "", 0, response.length),
         )
         # `Vary: *`: no later request can be known to match this answer (RFC 9111 §4.1), so it is not kept.
@@ -469,6 +494,10 @@ class Proxy:
     async def _revalidated(
         self, key: str, stale: Entry, forwarded: dict[str, str], response: UpstreamResponse, elapsed: float
     ) -> Outcome:
+        if self.purges is not None and self.purges.covers(stale):
+            # Purged while the upstream was being asked: refreshing the copy would bring it back (its new storage
+            # time is after the purge). The confirmation is for a copy that no longer exists; fetch anew.
+            return await self._fetch_and_store(key, stale.url, forwarded, None, store=True)
         # RFC 9111 §4.3.4: the 304's headers update the stored ones; the body stays.
         merged = dict(stale.headers)
         merged.update(response.headers)
@@ -487,11 +516,27 @@ class Proxy:
             last_modified=response.headers.get("last-modified") or stale.last_modified,
         )
         await self.storage.touch(refreshed)
+        if refreshed.vary:
+            await self._keep_index(refreshed)
         self._negative.pop(key, None)
         served = await self._serve(refreshed, CacheResult.REVALIDATED, self.clock())
         if served is None:
             return await self._fetch_and_store(key, refreshed.url, forwarded, None, store=True)
         return replace(served, upstream_status=304, upstream_seconds=elapsed)
+
+    async def _keep_index(self, refreshed: Entry) -> None:
+        """A variant's index lives as long as the variants it leads to: a refreshed variant renews it too, so no
+        tier drops the index (and with it the way to the variant) while the variant may still be served."""
+        primary = make_key(refreshed.url, ())
+        index = await self.storage.get(primary)
+        # Only the index that leads here: an entry of the URL alone (its upstream stopped varying) is left as it is.
+        if (
+            index is not None
+            and index.is_index
+            and index.vary == refreshed.vary
+            and index.stored_at < refreshed.stored_at
+        ):
+            await self.storage.put(variant_index(refreshed, primary))
 
     async def _failure(
         self,

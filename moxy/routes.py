@@ -366,6 +366,7 @@ def router(components: Components, *, on_hit: OnHit | None = None) -> ASGIApp:
     routes.append(Route("/{path:path}", _Plain(endpoints.proxy), methods=["GET", "HEAD"]))
     refused = _refusals(components, allow="GET, HEAD")
     framework = Starlette(routes=routes, exception_handlers={404: refused, 405: refused})
+    framework.router.redirect_slashes = False  # as on the admin listener: an unknown path is a 404, never a redirect
     # No route at all: every request it takes is answered 404 by `refused`.
     missing = Starlette(exception_handlers={404: refused})
     hidden = ADMIN_PATHS if moved else frozenset()
@@ -393,6 +394,9 @@ def admin_router(components: Components) -> ASGIApp:
     an orchestrator to watch). Every other request is answered 404: no proxy route here."""
     endpoints = _Endpoints(components, None)
     refused = _refusals(components, allow=None)
-    return Starlette(
+    admin = Starlette(
         routes=_probes(endpoints) + _operations(endpoints), exception_handlers={404: refused, 405: refused}
     )
+    # `/purge/` is not `/purge`: a 404 like any unknown path, not a bare redirect to an address built from Host.
+    admin.router.redirect_slashes = False
+    return admin

@@ -127,12 +127,15 @@ _EMPTY_DIGEST = hashlib.sha256(b"").hexdigest()
 def variant_index(variant: Entry, primary_key: str) -> Entry:
     """The entry kept at a URL's primary key once its upstream answered with Vary: no body, only the names of the
     headers the variants depend on (RFC 9111 §4.1), so a lookup knows which secondary key to read next. It lives
-    as long as the variant it came with, so the tiers keep it while that variant can still be served."""
+    as long as the variant it came with, so the tiers keep it while that variant can still be served. It keeps the
+    variant's Content-Type: a request whose own variant has no copy yet still knows what kind of answer the URL
+    gives (moxy.proxy refuses an answer of another kind while a copy could stand in for it)."""
+    kind = variant.header("content-type")
     return replace(
         variant,
         key=primary_key,
         status=INDEX_STATUS,
-        headers=(),
+        headers=(("content-type", kind),) if kind is not None else (),
         etag=None,
         last_modified=None,
         digest=_EMPTY_DIGEST,  # tiers check a body against its digest; an index's is the empty one

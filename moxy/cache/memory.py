@@ -42,6 +42,10 @@ class MemoryStorage:
         # Keyed by the full key, so the "full key compared on read" rule holds by construction.
         return self._lookup(key)
 
+    def resident(self, key: str) -> Entry | None:
+        """The entry held under `key`, without waiting (the hit memo's check of a variant's index)."""
+        return self._lookup(key)
+
     def holds(self, entry: Entry) -> bool:
         """Whether this very entry (not an older or newer copy) is still resident; counts as a use for the LRU."""
         return self._lookup(entry.key) is entry

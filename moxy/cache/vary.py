@@ -11,10 +11,12 @@ upstream fetches and cache entries at will."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 
 __all__ = [
     "ACCEPT_CLASSES",
+    "ANY_HEADER",
     "AVIF",
     "AVIF_WEBP",
     "JSON",
@@ -26,6 +28,8 @@ __all__ = [
     "vary_names",
 ]
 
+# RFC 9110 §5.6.2 token: what a field name is made of.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")
 ANY = "*/*"
 # The classes, as they are sent upstream and keyed. Order matters: the first that fits wins.
 AVIF_WEBP = "image/avif,image/webp,*/*"
@@ -80,12 +84,19 @@ def normalise(name: str, value: str) -> str:
     return value
 
 
+# The `vary` of an answer that varies on everything (`Vary: *`, or a Vary that cannot be read): never stored, never
+# shared with another request, and sent on as `Vary: *`.
+ANY_HEADER: tuple[str, ...] = ("*",)
+
+
 def vary_names(vary: str, forwarded: Iterable[str]) -> tuple[str, ...] | None:
     """The forwarded header names (lowercase, sorted) an answer carrying `Vary: vary` depends on; None for
     `Vary: *`, which no stored copy can satisfy (RFC 9111 §4.1), so such an answer is not stored."""
     named = {name.strip(" \t").lower() for name in vary.split(",")}
     named.discard("")
-    if "*" in named:
+    # A name that is no field name (RFC 9110 §5.1) cannot be matched to anything the client sent: the answer might
+    # depend on it, so it is read as `*`, never as one copy for every client.
+    if "*" in named or not all(_TOKEN.fullmatch(name) for name in named):
         return None
     return tuple(sorted(named.intersection(name.lower() for name in forwarded)))
 

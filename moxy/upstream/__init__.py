@@ -219,6 +219,10 @@ def _response_headers(raw: Sequence[tuple[str, str]]) -> dict[str, str]:
         headers[key] = f"{headers[key]}, {value}" if key in headers else value
     for key in poisoned:
         headers.pop(key, None)
+    if "vary" in poisoned or "vary" in listed:
+        # An answer whose Vary cannot be read might depend on anything the client sent: taken as `Vary: *`, it is
+        # passed on but never stored nor shared, rather than cached as one copy for every client.
+        headers["vary"] = "*"
     return headers
 
 

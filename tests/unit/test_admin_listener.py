@@ -62,7 +62,9 @@ async def test_metrics_and_purge_answer_on_one_listener_only(tmp_path: Path, adm
             assert (await admin.post("/purge", **purge)).json()["removed"] == 0  # type: ignore[arg-type]
             assert [(await admin.get(path)).status_code for path in ("/healthz", "/readyz")] == [200, 200]
             # No proxy route and no other endpoint there: 404, also for a method an endpoint does not take.
-            for method, path in [("GET", signed), ("GET", "/"), ("GET", "/purge"), ("POST", "/metrics")]:
+            # A trailing slash is another path, not a redirect (whose Location would come from the Host header).
+            trailing = [("POST", "/purge/"), ("GET", "/metrics/"), ("GET", "/healthz/")]
+            for method, path in [("GET", signed), ("GET", "/"), ("GET", "/purge"), ("POST", "/metrics"), *trailing]:
                 answer = await admin.request(method, path)
                 assert answer.status_code == 404, (method, path)
                 assert answer.headers["cache-control"] == "no-store"

@@ -19,7 +19,7 @@ from starlette.requests import Request
 from moxy import routes
 from moxy.app import Plan, open_components
 from moxy.cache import TieredStorage
-from moxy.cache.entry import Entry
+from moxy.cache.entry import Entry, make_key, variant_index
 from moxy.cache.freshness import FreshnessRules, current_age
 from moxy.cache.memory import MemoryStorage
 from moxy.cache.purges import PurgeLog
@@ -405,3 +405,18 @@ def test_the_memo_answers_exactly_what_the_full_flow_answers(base: tuple[routes.
     tried = ["purge", "evict", "HEAD", "[(b'range', b'bytes=0-3')]", "[(b'if-none-match', b'ETAG')]", "repeated"]
     tried += ["past-lifetime", "past-url-expiry"]
     assert all(prepared_before[situation] >= 3 for situation in tried), prepared_before
+
+
+async def test_a_variant_is_answered_only_while_its_index_still_leads_to_it(tmp_path: Path) -> None:
+    variant = entry(vary=("accept",))
+    memo, memory, _, _ = await setup(tmp_path, variant)
+    await memory.put(variant_index(variant, make_key(URL, ())))
+    key = memo.key_of("/d/e", b"", REQUEST_HEADERS)
+    assert key is not None
+    memo.remember(key, variant, None)
+    assert memo.find(key) is not None
+    # The upstream stopped varying: the URL's own entry replaced the index, and the full flow now serves that one.
+    # The variant is still resident, but the memo must not keep answering with it.
+    await memory.put(entry(key=make_key(URL, ()), body=b"\x89PNG\r\n\x1a\nnewer"))
+    assert memory.holds(variant)
+    assert memo.find(key) is None

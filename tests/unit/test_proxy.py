@@ -28,7 +28,7 @@ from moxy.policy import DestinationPolicy
 from moxy.proxy import CacheResult, Failed, Outcome, Proxy, ProxyRequest, Served
 from moxy.signing import Signer
 from moxy.validation import ACCEPT, Candidate, Verdict, build_chain
-from tests.assets import JSON_BODY, KEY
+from tests.assets import JSON_BODY, KEY, PNG
 from tests.fakes.clock import Clock
 from tests.fakes.fetch import Answer, Call, FakeFetch, Scripted
 
@@ -309,6 +309,80 @@ async def test_concurrent_cold_requests_of_every_class_share_one_fetch_unless_th
     for accept, result in zip(BROWSER_ACCEPTS * 4, results, strict=True):
         expected = GOOD if normalise("accept", accept) == first_class else NEWER
         assert body_of(result) == expected and result.entry.vary == ("accept",)
+
+
+PICTURE = {"content-type": "image/png", "cache-control": "max-age=60", "vary": "Accept", "etag": '"v1"'}
+
+
+async def test_a_variant_with_no_copy_yet_still_keeps_the_urls_kind(make_rig: MakeRig) -> None:
+    """The reason Moxy exists, per variant: an image URL that starts answering JSON (without Vary now) replaces
+    neither the other variants' good copies nor the index that leads to them, as it would not replace a copy
+    of a URL that never varied."""
+    rig = make_rig()
+    rig.upstream.then(Answer(body=PNG, headers=PICTURE))
+    assert body_of(served(await rig.get(accept="image/webp"))) == PNG
+    rig.upstream.then(Answer(body=GOOD, headers={"content-type": JSON, "cache-control": "max-age=60"}))
+
+    avif = await rig.get(accept="image/avif")
+    assert isinstance(avif, Failed) and avif.error.reason == "type-changed"
+    webp = served(await rig.get(accept="image/webp"))
+    assert (webp.cache, body_of(webp)) == (CacheResult.HIT, PNG)
+    index = await rig.stored()
+    assert index is not None and index.is_index and index.header("content-type") == "image/png"
+
+
+async def test_an_answer_that_varies_on_everything_is_shared_with_no_waiter(make_rig: MakeRig) -> None:
+    rig = make_rig()
+    gate = asyncio.Event()
+    everything = {"content-type": JSON, "cache-control": "max-age=60", "vary": "*"}
+    rig.upstream.then(Answer(body=GOOD, headers=everything), gate=gate)
+    rig.upstream.otherwise = Answer(body=NEWER, headers=everything)
+    accepts = ["image/webp", "image/avif", "*/*", "application/json"] * 2
+    tasks = [asyncio.create_task(rig.get(accept=accept)) for accept in accepts]
+    await until(lambda: len(rig.upstream.calls) == 1)
+    await settle()
+    gate.set()
+    results = [served(outcome) for outcome in await asyncio.gather(*tasks)]
+    assert len(rig.upstream.calls) == len(accepts), "each asked for its own answer"
+    assert sum(body_of(result) == GOOD for result in results) == 1, "the first answer went to its own request only"
+    assert all(result.cache is CacheResult.BYPASS and result.entry.vary == ("*",) for result in results)
+    assert await rig.stored() is None
+
+
+async def test_a_purge_during_a_revalidation_is_not_undone_by_the_304(make_rig: MakeRig, tmp_path: Path) -> None:
+    rig = make_rig(purges=PurgeLog(tmp_path / "purges.log"))
+    validators = {"content-type": JSON, "cache-control": "max-age=60", "etag": '"v1"'}
+    rig.upstream.then(Answer(body=GOOD, headers=validators))
+    served(await rig.get())
+    rig.clock.advance(61 + RULES.stale_while_revalidate)
+    gate = asyncio.Event()
+    rig.upstream.then(Answer(status=304, body=b"", headers=validators), gate=gate)
+    rig.upstream.then(Answer(body=NEWER, headers=validators))
+    asking = asyncio.create_task(rig.get())
+    await until(lambda: len(rig.upstream.calls) == 2)
+    await rig.proxy.purge(URL)
+    gate.set()
+    # The 304 confirmed a copy that was purged meanwhile: Moxy fetches anew instead of bringing the copy back.
+    outcome = served(await asking)
+    assert (outcome.cache, body_of(outcome)) == (CacheResult.MISS, NEWER)
+    assert rig.upstream.calls[2].headers == {}, "unconditional: the purged copy is not to be confirmed"
+    stored = await rig.stored()
+    assert stored is not None and stored.body == NEWER
+
+
+async def test_a_revalidated_variant_renews_its_index(make_rig: MakeRig) -> None:
+    rig = make_rig()
+    rig.upstream.then(Answer(body=PNG, headers=PICTURE))
+    served(await rig.get(accept="image/webp"))
+    first = await rig.stored()
+    assert first is not None and first.is_index
+    rig.clock.advance(61 + RULES.stale_while_revalidate)
+    rig.upstream.then(Answer(status=304, body=b"", headers=PICTURE))
+    revalidated = served(await rig.get(accept="image/webp"))
+    assert revalidated.cache is CacheResult.REVALIDATED
+    renewed = await rig.stored()
+    assert renewed is not None and renewed.is_index and renewed.stored_at == revalidated.entry.stored_at
+    assert renewed.stored_at > first.stored_at, "the index lives as long as the variant it leads to"
 
 
 async def test_purge_counts_every_variant_and_the_plain_entry(make_rig: MakeRig) -> None:

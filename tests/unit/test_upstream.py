@@ -140,6 +140,18 @@ def test_response_hygiene_drops_fields_named_by_connection_and_joins_repeats() -
     assert _response_headers(raw) == {"cache-control": "max-age=60, public", "etag": '"a"'}
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        [("Vary", "Accept"), ("Vary", "Origin\x01")],  # one bad line spoils the field
+        [("Connection", "vary"), ("Vary", "Accept")],  # named hop-by-hop
+    ],
+)
+def test_an_unreadable_vary_fails_closed_as_vary_star(raw: list[tuple[str, str]]) -> None:
+    # Dropped, it would read as "no Vary" and one variant's answer would be cached for every client.
+    assert _response_headers([*raw, ("Content-Type", "image/png")]) == {"content-type": "image/png", "vary": "*"}
+
+
 header_names = st.sampled_from(
     sorted(DROPPED_RESPONSE) + ["content-type", "etag", "x-custom", "Cache-Control", "SET-COOKIE", "Proxy-Foo"]
 )

@@ -67,6 +67,8 @@ def test_any_accept_is_one_of_a_few_classes(accept: str) -> None:
         ("Accept-Language, Accept", ("accept", "accept-language")),
         ("Accept, *", None),  # RFC 9111 §4.1: no stored answer can match
         (",,", ()),
+        ("Accept\xe9", None),  # no field name: it might be anything the client sent
+        ("Accept, x y", None),
     ],
 )
 def test_vary_names_what_an_entry_depends_on(vary: str, names: tuple[str, ...] | None) -> None:
