@@ -324,7 +324,7 @@ async def test_a_variant_with_no_copy_yet_still_keeps_the_urls_kind(make_rig: Ma
     rig.upstream.then(Answer(body=GOOD, headers={"content-type": JSON, "cache-control": "max-age=60"}))
 
     avif = await rig.get(accept="image/avif")
-    assert isinstance(avif, Failed) and avif.error.reason == "type-changed"
+    assert isinstance(avif, Failed) and isinstance(avif.error, UpstreamError) and avif.error.reason == "type-changed"
     webp = served(await rig.get(accept="image/webp"))
     assert (webp.cache, body_of(webp)) == (CacheResult.HIT, PNG)
     index = await rig.stored()
