@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import bisect
+import contextlib
+import itertools
 import os
 import secrets
 import sys
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 from urllib.parse import urlsplit
@@ -25,6 +29,8 @@ from moxy.errors import ConfigError, MoxyError, VerificationError
 from moxy.signing import MAX_EXPIRES_AT, Signer, expiry_bucket
 
 if TYPE_CHECKING:
+    import urllib.request
+
     import httpx
 
 __all__ = ["main"]
@@ -116,8 +122,15 @@ def keygen() -> None:
 def show_config(check: bool) -> None:
     """Print the effective configuration, secrets masked; with --check, exit 2 naming what would stop `serve`."""
     if check:
+        from moxy import supervisor
+
         try:
-            _preflight({})
+            settings = _preflight({})
+            # The listeners too, bound and released by the same functions `serve` binds them with: a port already
+            # in use would stop `serve` with exit 2 after this said "ok".
+            supervisor.listen(settings.host, settings.port, None).close()
+            if settings.admin_port is not None:
+                supervisor.listen_admin(settings.admin_host, settings.admin_port).close()
         except ConfigError as exc:
             _fail(str(exc), 2)
         click.echo("configuration ok")
@@ -313,7 +326,7 @@ def purge(url: str, endpoint: str | None) -> None:
         },
     )
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:  # the endpoint is the operator's own Moxy
+        with _direct_opener().open(request, timeout=30) as response:
             body = orjson.loads(response.read() or b"{}")
     except urllib.error.HTTPError as exc:
         detail = exc.read().decode("utf-8", "replace").strip()
@@ -321,6 +334,14 @@ def purge(url: str, endpoint: str | None) -> None:
     except (urllib.error.URLError, OSError) as exc:
         _fail(f"cannot reach {target}: {exc}", 1)
     click.echo(f"purged {body.get('removed', 0)} entr{'y' if body.get('removed') == 1 else 'ies'}")
+
+
+def _direct_opener() -> urllib.request.OpenerDirector:
+    """urllib without any proxy from the environment (HTTP_PROXY, ALL_PROXY, ...): the CLI talks to the operator's
+    own Moxy and sends it the purge token, which a proxy named in the environment would otherwise receive."""
+    import urllib.request
+
+    return urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def run() -> None:  # pragma: no cover - `python -m moxy`
@@ -342,17 +363,14 @@ def _log_config(settings: Settings) -> dict[str, Any]:
 def health(port: int | None, timeout: float) -> None:
     """Exit 0 when the Moxy on this machine answers /healthz, else 1 (for a container's health check)."""
     import urllib.error
-    import urllib.request
 
     settings = _settings(port=port)
     host = settings.host
     # Listening on every interface means loopback answers too; an IPv6 literal needs brackets in a URL.
     host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
     target = f"http://{f'[{host}]' if ':' in host else host}:{settings.port}/healthz"
-    # No proxy from the environment: the check is of this machine's Moxy, whatever HTTP_PROXY a container carries.
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with opener.open(target, timeout=timeout) as response:
+        with _direct_opener().open(target, timeout=timeout) as response:
             status = response.status
     except urllib.error.HTTPError as exc:
         status = exc.code
@@ -365,16 +383,40 @@ def health(port: int | None, timeout: float) -> None:
 
 # -- warm -------------------------------------------------------------------------------------------
 
-# Cache results in the order the summary lists them; any other outcome (an error) follows, sorted.
-_WARM_ORDER = ("HIT", "MISS", "STALE", "REVALIDATED", "BYPASS", "OK")
+# Moxy's X-Moxy-Cache values (moxy.proxy.CacheResult, not imported: that would load the server's upstream engine into
+# the command; tests/unit/test_warm.py keeps the two equal), in the order the summary lists them.
+_CACHE_RESULTS = ("HIT", "MISS", "STALE", "REVALIDATED", "BYPASS")
+# "OK" is a 2xx without X-Moxy-Cache (a CDN that drops it), "other" a value Moxy never sends, each counted in one
+# row whatever the answer said; errors follow, sorted.
+_WARM_ORDER = (*_CACHE_RESULTS, "OK", "other")
 _WARM_FAILURES_SHOWN = 20  # a whole broken list would bury the summary; the count says how many more
+_WARM_AHEAD = 4  # lines read and signed ahead of the fetches, per worker: every worker finds one ready, no more
+_REASON_BYTES = 4096  # read of an error's body: Moxy's JSON error is far smaller, and the rest is left unread
+_SHOWN_CHARS = 300  # of a URL or reason echoed to the terminal
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    line: int  # in the input, so failures are reported in its order whatever order they finished in
+    url: str  # as the input gave it
+    fetch: str  # the URL to fetch; "" when the line cannot be used, and `detail` says why
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class _Stop:
+    """The list cannot go on (an upstream URL and no key to sign it, input that is not UTF-8): warm reads no
+    further, finishes the lines before, and exits with `code`."""
+
+    message: str
+    code: int
 
 
 @dataclass(frozen=True, slots=True)
 class _Warmed:
-    position: int  # in the input, so failures are reported in its order whatever order they finished in
-    url: str  # as the input gave it
-    outcome: str  # X-Moxy-Cache (HIT, MISS, ...), "OK" for a 2xx without it, or "error <status or cause>"
+    line: int
+    url: str
+    outcome: str  # a _CACHE_RESULTS value, "OK", "other", or "error <status or cause>"
     detail: str = ""
 
     @property
@@ -382,38 +424,54 @@ class _Warmed:
         return self.outcome.startswith("error")
 
 
-def _warm_targets(
-    urls: list[str], settings: Settings, endpoint: str | None, expires: int | None, exact: bool
-) -> list[tuple[str, str]]:
-    """(input URL, URL to fetch) for each line: a Moxy URL is fetched as is (re-based on --endpoint), any other URL
-    is signed with the configured key first. Fails (exit 1 or 2) before any fetch when a line cannot be used."""
-    target = (endpoint or settings.base_url).rstrip("/")
-    bases = {settings.base_url.rstrip("/"), target}
-    signer: Signer | None = None
-    missing_key: ConfigError | None = None
-    try:
-        signer = Signer(settings.signing_keys(), settings.base_url, camo_keys=settings.camo_keys())
-    except ConfigError as exc:  # needed only if some line is an upstream URL
-        missing_key = exc
-    found: list[tuple[str, str]] = []
-    for number, url in enumerate(urls, start=1):
-        base = next((base for base in bases if url.startswith(base + "/")), None)
-        if base is not None:  # a Moxy URL under this Moxy's public or given address: no key needed
-            found.append((url, target + url[len(base) :]))
-            continue
-        if signer is not None and _verifies(signer, url):  # a Moxy URL published under another address
-            parts = urlsplit(url)
-            found.append((url, target + parts.path + (f"?{parts.query}" if parts.query else "")))
-            continue
-        if signer is None:
-            assert missing_key is not None
-            _fail(f"{missing_key} (line {number} is an upstream URL, which warm signs first)", 2)
+@dataclass(slots=True)
+class _Tally:
+    """What the summary needs, in memory that does not grow with the list: a count per outcome and the first
+    failures by line."""
+
+    counts: Counter[str] = field(default_factory=Counter)
+    failures: list[_Warmed] = field(default_factory=list)  # at most _WARM_FAILURES_SHOWN, by line
+    failed: int = 0
+
+    def add(self, result: _Warmed) -> None:
+        self.counts[result.outcome] += 1
+        if result.failed:
+            self.failed += 1
+            # Fetches finish out of order: keep the lowest lines seen so far.
+            bisect.insort(self.failures, result, key=lambda each: each.line)
+            del self.failures[_WARM_FAILURES_SHOWN:]
+
+
+class _Targets:
+    """The URL to fetch for each line: a Moxy URL as it is (re-based on --endpoint), any other URL signed with the
+    configured key first."""
+
+    def __init__(self, settings: Settings, endpoint: str | None, expires: int | None, exact: bool) -> None:
+        self.target = (endpoint or settings.base_url).rstrip("/")
+        self.bases = {settings.base_url.rstrip("/"), self.target}
+        self.expires = expires
+        self.exact = exact
+        self.signer: Signer | None = None
+        self.missing_key: ConfigError | None = None
         try:
-            signed = signer.sign(url, expires_in=expires, exact=exact)
+            self.signer = Signer(settings.signing_keys(), settings.base_url, camo_keys=settings.camo_keys())
+        except ConfigError as exc:  # needed only if some line is an upstream URL
+            self.missing_key = exc
+
+    def resolve(self, line: int, url: str) -> _Job | _Stop:
+        base = next((base for base in self.bases if url.startswith(base + "/")), None)
+        if base is not None:  # a Moxy URL under this Moxy's public or given address: no key needed
+            return _Job(line, url, self.target + url[len(base) :])
+        if self.signer is None:
+            return _Stop(f"{self.missing_key} (line {line} is an upstream URL, which warm signs first)", 2)
+        if _verifies(self.signer, url):  # a Moxy URL published under another address
+            parts = urlsplit(url)
+            return _Job(line, url, self.target + parts.path + (f"?{parts.query}" if parts.query else ""))
+        try:
+            signed = self.signer.sign(url, expires_in=self.expires, exact=self.exact)
         except ValueError as exc:  # UnsignableURL, or an expiry past what a Moxy URL can carry
-            _fail(f"cannot sign {url!r} (line {number}): {exc}", 1)
-        found.append((url, target + signed[len(signer.base_url) :]))
-    return found
+            return _Job(line, url, "", f"cannot sign: {exc}")
+        return _Job(line, url, self.target + signed[len(self.signer.base_url) :])
 
 
 def _verifies(signer: Signer, url: str) -> bool:
@@ -424,52 +482,164 @@ def _verifies(signer: Signer, url: str) -> bool:
     return True
 
 
-async def _warm_one(client: httpx.AsyncClient, position: int, url: str, fetch: str) -> _Warmed:
-    import httpx
+def _warm_jobs(source: TextIO, targets: _Targets) -> Iterator[_Job | _Stop]:
+    """The list's URLs (blank lines and # comments skipped), one at a time as they are read, ending at a _Stop."""
+    number = 0
+    try:
+        for number, text in enumerate(source, start=1):
+            url = text.strip()
+            if url and not url.startswith("#"):
+                job = targets.resolve(number, url)
+                yield job
+                if isinstance(job, _Stop):
+                    return
+    except UnicodeDecodeError as exc:  # found a block at a time, so somewhere after the last line read
+        where = f" after line {number}" if number else ""
+        yield _Stop(f"cannot read the list{where}: not UTF-8 ({exc.reason})", 1)
+
+
+def _count_urls(source: TextIO) -> int | None:
+    """The URLs in a list that is a regular file, counted in a first pass (for the progress bar); None for a pipe,
+    which can be read only once."""
+    try:
+        if not source.seekable():
+            return None
+        try:
+            return sum(1 for text in source if text.strip() and not text.strip().startswith("#"))
+        finally:
+            source.seek(0)
+    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError: the pass that fetches names the line
+        return None
+
+
+def _printable(text: str, limit: int = _SHOWN_CHARS) -> str:
+    """`text` safe to echo to a terminal: unprintable characters (ESC, BEL, CR, LF, bidi controls, ...) escaped as
+    Python writes them, since an endpoint's reason may carry escape sequences; at most `limit` characters."""
+    shown = "".join(char if char.isprintable() else repr(char)[1:-1] for char in text[:limit])
+    return shown[:limit] + "..." if len(shown) > limit or len(text) > limit else shown
+
+
+async def _read_reason(response: httpx.Response) -> str:
+    """The `reason` of Moxy's JSON error, from the first bytes of the body only: an endless error body is no reason
+    to wait for its end."""
     import orjson
 
+    kept = b""
+    async for chunk in response.aiter_raw():
+        kept += chunk[: _REASON_BYTES - len(kept)]
+        if len(kept) >= _REASON_BYTES:
+            break
     try:
-        async with client.stream("GET", fetch) as response:
-            ok = 200 <= response.status_code < 300
-            kept = b""
-            # Read to the end, as a CDN does before it keeps a copy; an error's small JSON body says why.
-            async for chunk in response.aiter_raw():
-                if not ok and len(kept) < 4096:
-                    kept += chunk
-    except httpx.TimeoutException:
-        return _Warmed(position, url, "error timeout")
-    except httpx.HTTPError as exc:
-        return _Warmed(position, url, "error connection", str(exc) or type(exc).__name__)
-    if ok:
-        return _Warmed(position, url, response.headers.get("x-moxy-cache", "OK").upper())
-    try:
-        reason = str(orjson.loads(kept).get("reason", ""))
+        return str(orjson.loads(kept).get("reason", ""))
     except (orjson.JSONDecodeError, AttributeError):  # not Moxy's JSON: a CDN's own error page
-        reason = ""
-    return _Warmed(position, url, f"error {response.status_code}", reason)
+        return ""
+
+
+async def _warm_one(client: httpx.AsyncClient, job: _Job, timeout: float, max_body: int) -> _Warmed:
+    import httpx
+
+    if not job.fetch:
+        return _Warmed(job.line, job.url, "error unusable", job.detail)
+    status = 0
+    try:
+        # The whole URL within the timeout, head and body, however the endpoint trickles them (httpx's own timeout
+        # is per read).
+        async with asyncio.timeout(timeout), client.stream("GET", job.fetch) as response:
+            status = response.status_code
+            if not 200 <= status < 300:
+                return _Warmed(job.line, job.url, f"error {response.status_code}", await _read_reason(response))
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > max_body:
+                return _Warmed(job.line, job.url, "error too large", f"{declared} bytes, past {max_body}")
+            # Read to the end, as a CDN does before it keeps a copy, but keep none of it; past the bound Moxy
+            # itself holds to (MOXY_MAX_BODY_BYTES), the answer is not one it serves.
+            received = 0
+            async for chunk in response.aiter_raw():
+                received += len(chunk)
+                if received > max_body:
+                    return _Warmed(job.line, job.url, "error too large", f"more than {max_body} bytes")
+    except (TimeoutError, httpx.TimeoutException):
+        if status and not 200 <= status < 300:  # the error is known; only its reason was too slow to come
+            return _Warmed(job.line, job.url, f"error {status}")
+        return _Warmed(job.line, job.url, "error timeout", f"not done within {timeout:g} s")
+    except httpx.HTTPError as exc:
+        return _Warmed(job.line, job.url, "error connection", str(exc) or type(exc).__name__)
+    cache = response.headers.get("x-moxy-cache")
+    if cache is None:
+        return _Warmed(job.line, job.url, "OK")
+    # One row per value Moxy sends; anything else (a CDN's, a hostile endpoint's) is one "other" row, not a new one.
+    return _Warmed(job.line, job.url, cache.upper() if cache.upper() in _CACHE_RESULTS else "other")
 
 
 async def _warm_all(
-    targets: list[tuple[str, str]],
+    jobs: Iterator[_Job | _Stop],
+    *,
     concurrency: int,
     timeout: float,
+    max_body: int,
     headers: dict[str, str],
-    advance: Callable[[], None],
-) -> list[_Warmed]:
+    record: Callable[[_Warmed], None],
+) -> _Stop | None:
+    """Fetch each job with `concurrency` workers, while a thread reads and signs the list at most a few lines
+    ahead of them: memory stays flat whatever the list's length, and a slow pipe (a crawler still writing) never
+    blocks the event loop, where a wait would eat into the fetches' deadlines. The _Stop that ended the list, if
+    any."""
     import httpx
 
-    results: list[_Warmed] = []
-    pending = iter(enumerate(targets))  # shared by the workers: one event loop, so no lock is needed
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Queue[_Job | _Stop | None] = asyncio.Queue()  # unbounded here; `room` is the bound
+    room = threading.Semaphore(concurrency * _WARM_AHEAD)
+    closing = threading.Event()
+    broken: list[BaseException] = []
+
+    def hand(item: _Job | _Stop | None) -> None:
+        if not closing.is_set():
+            with contextlib.suppress(RuntimeError):  # the loop closed under a reader still blocked in a read
+                loop.call_soon_threadsafe(ready.put_nowait, item)
+
+    def read() -> None:
+        try:
+            for job in jobs:
+                while not room.acquire(timeout=0.2):
+                    if closing.is_set():
+                        return
+                hand(job)
+        except Exception as exc:  # a fault of warm's own, raised again below rather than lost with the thread
+            broken.append(exc)
+        finally:
+            for _ in range(concurrency):
+                hand(None)
+
+    stopped: list[_Stop] = []
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=timeout, limits=limits, headers=headers, follow_redirects=False) as client:
+    async with httpx.AsyncClient(
+        timeout=timeout,
+        limits=limits,
+        headers=headers,
+        follow_redirects=False,
+        # No proxy, .netrc or other client setting from the environment: the requests carry the origin secret, and
+        # go to the operator's own Moxy or CDN. The CA bundle named by SSL_CERT_FILE / SSL_CERT_DIR is still used.
+        trust_env=False,
+        verify=httpx.create_ssl_context(trust_env=True),
+    ) as client:
 
         async def work() -> None:
-            for position, (url, fetch) in pending:
-                results.append(await _warm_one(client, position, url, fetch))
-                advance()
+            while (item := await ready.get()) is not None:
+                room.release()
+                if isinstance(item, _Stop):  # the jobs before it are taken already: the others finish those
+                    stopped.append(item)
+                    return
+                record(await _warm_one(client, item, timeout, max_body))
 
-        await asyncio.gather(*(work() for _ in range(min(concurrency, len(targets)))))
-    return sorted(results, key=lambda result: result.position)
+        reader = threading.Thread(target=read, name="moxy-warm-reader", daemon=True)
+        reader.start()
+        try:
+            await asyncio.gather(*(work() for _ in range(concurrency)))
+        finally:
+            closing.set()
+    if broken:
+        raise broken[0]
+    return stopped[0] if stopped else None
 
 
 def _header(value: str) -> tuple[str, str]:
@@ -488,7 +658,13 @@ def _header(value: str) -> tuple[str, str]:
 @click.option("--expires", type=click.IntRange(min=1), help="Sign upstream URLs to expire, as `moxy sign` does.")
 @click.option("--exact", is_flag=True, help="With --expires: to the second, not at the bucket's end.")
 @click.option("-H", "--header", "headers", multiple=True, help="Extra request header 'Name: value' (e.g. Accept).")
-@click.option("--timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True, help="Seconds per URL.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.1),
+    default=60.0,
+    show_default=True,
+    help="Seconds for each URL, from its request to the end of its body.",
+)
 def warm(
     source: TextIO,
     concurrency: int,
@@ -500,37 +676,59 @@ def warm(
 ) -> None:
     """Fetch every URL of SOURCE (a file, or - for standard input; one per line, blank lines and # comments
     skipped) through a running Moxy, so later readers find it cached. Moxy URLs are fetched as they are; any other
-    URL is signed with the configured key first. Prints a summary by outcome (HIT, MISS, STALE, ... and errors by
-    status); exits 1 if any URL failed.
+    URL is signed with the configured key first. The list is read as it is fetched, so it may be of any length, or
+    still being written. Prints a summary by outcome (HIT, MISS, STALE, ... and errors by status); exits 1 if any
+    URL failed (a line that cannot be signed counts as failed), 2 at an upstream URL with no key configured.
 
     By default the URLs go to MOXY_BASE_URL, the address pages use: in production the CDN, so the edge that
     answers and Moxy behind it both keep a copy. --endpoint sends them to one Moxy directly (its path and query
-    kept), with MOXY_ORIGIN_SECRET if set, to fill that host's tiers only."""
+    kept), with MOXY_ORIGIN_SECRET if set, to fill that host's tiers only. Each body is read to its end, up to
+    MOXY_MAX_BODY_BYTES, and not kept."""
     settings = _settings()
     if endpoint is not None and not endpoint.startswith(("http://", "https://")):
         _fail(f"--endpoint {endpoint!r}: must start with http:// or https://", 2)
-    urls = [line.strip() for line in source if line.strip() and not line.lstrip().startswith("#")]
-    targets = _warm_targets(urls, settings, endpoint, expires, exact)
     sent = dict(_header(value) for value in headers)
     if endpoint is not None and settings.origin_secret is not None:
         # Straight to the origin, which answers only the CDN's requests when the secret is set.
         from moxy.routes import ORIGIN_SECRET_HEADER
 
         sent[ORIGIN_SECRET_HEADER.decode("ascii")] = settings.origin_secret.get_secret_value()
+    jobs = _warm_jobs(source, _Targets(settings, endpoint, expires, exact))
+    tally = _Tally()
     started = time.monotonic()
-    with click.progressbar(length=len(targets), label="warming", file=sys.stderr, show_pos=True) as bar:
-        results = asyncio.run(_warm_all(targets, concurrency, timeout, sent, lambda: bar.update(1)))
+    # click's bar needs an iterable or a length: a count of no known end stands for a list read from a pipe.
+    with click.progressbar(
+        itertools.count(), length=_count_urls(source), label="warming", file=sys.stderr, show_pos=True
+    ) as bar:
+
+        def record(result: _Warmed) -> None:
+            tally.add(result)
+            bar.update(1)
+
+        stop = asyncio.run(
+            _warm_all(
+                jobs,
+                concurrency=concurrency,
+                timeout=timeout,
+                max_body=settings.max_body_bytes,
+                headers=sent,
+                record=record,
+            )
+        )
     elapsed = time.monotonic() - started
-    counts = Counter(result.outcome for result in results)
+    counts = tally.counts
     order = [name for name in _WARM_ORDER if name in counts] + sorted(set(counts) - set(_WARM_ORDER))
     width = max((len(name) for name in order), default=0)
     for name in order:
         click.echo(f"{name:<{width}}  {counts[name]}")
-    failed = [result for result in results if result.failed]
-    click.echo(f"{len(results)} URL{'s' if len(results) != 1 else ''} in {elapsed:.1f} s, {len(failed)} failed")
-    for result in failed[:_WARM_FAILURES_SHOWN]:
-        click.echo(f"moxy: {result.outcome}: {result.url}{f' ({result.detail})' if result.detail else ''}", err=True)
-    if len(failed) > _WARM_FAILURES_SHOWN:
-        click.echo(f"moxy: ... and {len(failed) - _WARM_FAILURES_SHOWN} more failed", err=True)
-    if failed:
+    total = sum(counts.values())
+    click.echo(f"{total} URL{'s' if total != 1 else ''} in {elapsed:.1f} s, {tally.failed} failed")
+    for result in tally.failures:
+        detail = f" ({_printable(result.detail)})" if result.detail else ""
+        click.echo(f"moxy: {result.outcome}: {_printable(result.url)}{detail}", err=True)
+    if tally.failed > len(tally.failures):
+        click.echo(f"moxy: ... and {tally.failed - len(tally.failures)} more failed", err=True)
+    if stop is not None:
+        _fail(stop.message, stop.code)
+    if tally.failed:
         sys.exit(1)

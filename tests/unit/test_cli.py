@@ -32,6 +32,7 @@ from moxy.errors import ConfigError
 from moxy.server import BoundedHttpToolsProtocol
 from moxy.signing import Signer
 from tests.assets import CAMO_KEY, KEY, OLD_KEY
+from tests.net import free_port
 
 BASE = "https://cdn.example.com"
 
@@ -482,11 +483,27 @@ def test_serve_on_an_address_it_cannot_listen_on_exits_2_before_the_banner(
 
 
 def test_config_check_runs_the_serve_checks(tmp_path: Path) -> None:
-    good = run("config", "--check", env={"MOXY_KEY": KEY})
+    good = run("config", "--check", env={"MOXY_KEY": KEY, "MOXY_PORT": str(free_port())})
     assert good.exit_code == 0, good.stderr
     assert "configuration ok" in good.stdout
     line = one_line_error(run("config", "--check", env={"MOXY_KEY": KEY, "MOXY_VALIDATORS": "nope:check"}), 2)
     assert "MOXY_VALIDATORS:" in line
+
+
+@pytest.mark.parametrize("taken", ["MOXY_PORT", "MOXY_ADMIN_PORT"])
+def test_config_check_binds_both_listeners_as_serve_would(taken: str) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        ports = {"MOXY_PORT": str(free_port()), "MOXY_ADMIN_PORT": str(free_port())}
+        ports[taken] = str(holder.getsockname()[1])
+        line = one_line_error(run("config", "--check", env={"MOXY_KEY": KEY, **ports}), 2)
+    assert line.startswith(f"moxy: {taken}: cannot listen on 127.0.0.1:{ports[taken]}"), line
+    # Free, both pass, and are released again: `serve` can bind them next.
+    result = run("config", "--check", env={"MOXY_KEY": KEY, **ports})
+    assert (result.exit_code, result.stdout) == (0, "configuration ok\n"), result.stderr
+    for port in ports.values():
+        socket.create_server(("127.0.0.1", int(port))).close()
 
 
 def test_serve_checks_a_reload_as_it_checked_the_start(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -590,7 +607,7 @@ def test_ensure_key_file_keeps_an_existing_file(tmp_path: Path) -> None:
     assert len(path.read_text(encoding="utf-8").strip()) == 43
 
 
-# -- purge (urlopen replaced: no sockets in unit tests) ------------------------------------------------
+# -- purge (the opener's open replaced: no sockets in unit tests) ---------------------------------------------
 
 
 class _Answer(BytesIO):
@@ -609,12 +626,15 @@ def test_purge_without_token_exits_2() -> None:
 def test_purge_posts_the_url_with_the_token(monkeypatch: pytest.MonkeyPatch) -> None:
     sent: list[urllib.request.Request] = []
 
-    def fake_urlopen(request: urllib.request.Request, timeout: float) -> _Answer:
+    def fake_open(opener: urllib.request.OpenerDirector, request: urllib.request.Request, timeout: float) -> _Answer:
+        # No handler that would send it through a proxy named in the environment (HTTP_PROXY below).
+        assert not any(isinstance(handler, urllib.request.ProxyHandler) for handler in vars(opener)["handlers"])
         sent.append(request)
         return _Answer(b'{"removed": 1}')
 
-    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+    monkeypatch.setattr(urllib.request.OpenerDirector, "open", fake_open)
     env = {"MOXY_PURGE_TOKEN": "purge-token-value-42", "MOXY_ADMIN_URL": "http://127.0.0.1:8089/"}
+    env |= {"HTTP_PROXY": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9", "NO_PROXY": ""}
     result = run("purge", "https://example.com/pic.png", env=env)
     assert result.exit_code == 0, result.stderr
     assert result.stdout == "purged 1 entry\n"
@@ -643,31 +663,31 @@ def test_purge_goes_to_the_admin_address_never_the_public_one(
 ) -> None:
     sent: list[str] = []
 
-    def fake_urlopen(request: urllib.request.Request, timeout: float) -> _Answer:
+    def fake_open(opener: urllib.request.OpenerDirector, request: urllib.request.Request, timeout: float) -> _Answer:
         sent.append(request.full_url)
         return _Answer(b'{"removed": 3}')
 
-    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+    monkeypatch.setattr(urllib.request.OpenerDirector, "open", fake_open)
     result = run("purge", "https://example.com/pic.png", *flags, env={"MOXY_PURGE_TOKEN": "t" * 24, **env})
     assert result.exit_code == 0, result.stderr
     assert (sent, result.stdout) == ([target], "purged 3 entries\n")
 
 
 def test_purge_refused_exits_1(monkeypatch: pytest.MonkeyPatch) -> None:
-    def fake_urlopen(request: urllib.request.Request, timeout: float) -> _Answer:
+    def fake_open(opener: urllib.request.OpenerDirector, request: urllib.request.Request, timeout: float) -> _Answer:
         raise urllib.error.HTTPError(request.full_url, 401, "Unauthorized", Message(), BytesIO(b"bad token\n"))
 
-    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+    monkeypatch.setattr(urllib.request.OpenerDirector, "open", fake_open)
     env = {"MOXY_PURGE_TOKEN": "purge-token-value-42"}
     line = one_line_error(run("purge", "https://example.com/pic.png", "--endpoint", "http://127.0.0.1:1", env=env), 1)
     assert "401" in line and "bad token" in line
 
 
 def test_purge_unreachable_exits_1(monkeypatch: pytest.MonkeyPatch) -> None:
-    def fake_urlopen(request: urllib.request.Request, timeout: float) -> _Answer:
+    def fake_open(opener: urllib.request.OpenerDirector, request: urllib.request.Request, timeout: float) -> _Answer:
         raise urllib.error.URLError("connection refused")
 
-    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+    monkeypatch.setattr(urllib.request.OpenerDirector, "open", fake_open)
     line = one_line_error(run("purge", "https://example.com/x", env={"MOXY_PURGE_TOKEN": "t" * 16}), 1)
     assert "cannot reach http://127.0.0.1:8080/purge" in line
 
