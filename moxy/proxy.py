@@ -76,6 +76,18 @@ class _Remembered:
 
 
 @dataclass(frozen=True, slots=True)
+class _Wanted:
+    """One request as the flow carries it from the lookup to the upstream and back."""
+
+    key: str  # the request as the upstream sees it (URL and forwarded headers): what marks are kept by
+    url: str
+    forwarded: dict[str, str]
+    # An entry of the URL that tells what kind of answer it gives, when this request has no copy of its own (the
+    # index of a URL whose variant for these headers was not fetched yet).
+    kind: Entry | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ProxyRequest:
     path: str
     query: str = ""
@@ -172,7 +184,7 @@ class Proxy:
             # The upstream answered this key uncacheably moments ago and no copy was stored then: while the mark
             # stands every request is fetched and none stored (see _coalesced), so a lookup (a disk stat, a Redis
             # round trip) could only find nothing. Fetching instead of serving a copy is always a correct answer.
-            return await self._coalesced(key, key, url, forwarded, None)
+            return await self._coalesced(key, _Wanted(key, url, forwarded), None)
         # The entry: the URL's own, or, when its upstream answered with Vary, the variant the index names.
         slot = make_key(url, ())
         entry = await self._lookup(slot)
@@ -189,7 +201,7 @@ class Proxy:
                 if served is not None and verified.expires_at is not None:
                     served = replace(served, url_expires_at=verified.expires_at)
             elif decision is Decision.STALE_WHILE_REVALIDATE:
-                self._refresh_in_background(slot, key, url, forwarded, entry)
+                self._refresh_in_background(slot, _Wanted(key, url, forwarded), entry)
                 served = await self._serve(entry, CacheResult.STALE, now, reason="stale-while-revalidate")
             if served is not None:
                 return served
@@ -201,7 +213,7 @@ class Proxy:
                 if served is not None:
                     return served
             return Failed(error, CacheResult.MISS, upstream_status=status)
-        return await self._coalesced(slot, key, url, forwarded, entry, kind=index)
+        return await self._coalesced(slot, _Wanted(key, url, forwarded, index), entry)
 
     async def _lookup(self, slot: str) -> Entry | None:
         entry = await self.storage.get(slot)
@@ -259,59 +271,40 @@ class Proxy:
 
     # -- coalescing ---------------------------------------------------------------
 
-    async def _coalesced(
-        self,
-        slot: str,
-        key: str,
-        url: str,
-        forwarded: dict[str, str],
-        stale: Entry | None,
-        *,
-        rejoin: bool = True,
-        kind: Entry | None = None,
-    ) -> Outcome:
-        """The outcome of one fetch shared by every request for the entry `slot` (key: this request's own). `kind`:
-        an entry of the URL that tells what kind of answer it gives, when this request has no copy of its own."""
-        if key in self._uncacheable:
+    async def _coalesced(self, slot: str, wanted: _Wanted, stale: Entry | None, *, rejoin: bool = True) -> Outcome:
+        """The outcome of one fetch shared by every request for the entry `slot`."""
+        if wanted.key in self._uncacheable:
             # The last answer for this key could not be stored: queueing behind one fetch would only serialise
             # the clients, so each fetches on its own.
-            return await self._fetch_and_store(key, url, forwarded, stale, store=False, kind=kind)
+            return await self._fetch_and_store(wanted, stale, store=False)
         task = self._inflight.get(slot)
         if task is None:
             # The request that starts the fetch waits for it whatever it takes (the upstream timeouts bound it);
             # the lock timeout is for those queued behind someone else's fetch.
-            return await asyncio.shield(self._start(slot, key, url, forwarded, stale, kind))
+            return await asyncio.shield(self._start(slot, wanted, stale))
         try:
             # shield: a client that goes away must not cancel the fetch the other waiters share.
             outcome = await asyncio.wait_for(asyncio.shield(task), timeout=self.lock_timeout)
         except TimeoutError:
-            return await self._fetch_and_store(key, url, forwarded, stale, store=False, kind=kind)
+            return await self._fetch_and_store(wanted, stale, store=False)
         if isinstance(outcome, Served) and outcome.entry.vary == ANY_HEADER:
             # An answer that varies on everything is nobody else's: this request asks for its own.
-            return await self._fetch_and_store(key, url, forwarded, stale, store=False, kind=kind)
+            return await self._fetch_and_store(wanted, stale, store=False)
         if isinstance(outcome, Served) and outcome.entry.vary:
             # Shared before anyone knew the answer varies: it is this request's only if its own headers pick the
             # same variant. Otherwise it joins (or starts) the fetch of its variant, once.
-            own = make_key(url, variant(outcome.entry.vary, forwarded))
+            own = make_key(wanted.url, variant(outcome.entry.vary, wanted.forwarded))
             if own != outcome.entry.key:
                 if not rejoin:
-                    return await self._fetch_and_store(key, url, forwarded, stale, store=False, kind=kind)
-                return await self._coalesced(own, key, url, forwarded, stale, rejoin=False, kind=kind)
+                    return await self._fetch_and_store(wanted, stale, store=False)
+                return await self._coalesced(own, wanted, stale, rejoin=False)
         return outcome
 
-    def _start(
-        self,
-        slot: str,
-        key: str,
-        url: str,
-        forwarded: dict[str, str],
-        stale: Entry | None,
-        kind: Entry | None = None,
-    ) -> asyncio.Task[Outcome]:
+    def _start(self, slot: str, wanted: _Wanted, stale: Entry | None) -> asyncio.Task[Outcome]:
         if self.fleet is not None and stale is None:
-            fetch = self._fetch_across_hosts(self.fleet, slot, key, url, forwarded, kind)
+            fetch = self._fetch_across_hosts(self.fleet, slot, wanted)
         else:
-            fetch = self._fetch_and_store(key, url, forwarded, stale, store=True, kind=kind)
+            fetch = self._fetch_and_store(wanted, stale, store=True)
         task = asyncio.get_running_loop().create_task(fetch)
         self._inflight[slot] = task
         task.add_done_callback(
@@ -319,23 +312,21 @@ class Proxy:
         )
         return task
 
-    async def _fetch_across_hosts(
-        self, fleet: FleetLocks, slot: str, key: str, url: str, forwarded: dict[str, str], kind: Entry | None
-    ) -> Outcome:
+    async def _fetch_across_hosts(self, fleet: FleetLocks, slot: str, wanted: _Wanted) -> Outcome:
         """A cold miss of the entry `slot` when many hosts share Redis: one host fetches, the others wait for it and
         serve what it stored; anything wrong with Redis, and this host fetches for itself at once."""
 
         async def stored() -> Entry | None:
             entry = await self._lookup(slot)
             if entry is not None and entry.is_index:
-                entry = await self._lookup(make_key(url, variant(entry.vary, forwarded)))
+                entry = await self._lookup(make_key(wanted.url, variant(entry.vary, wanted.forwarded)))
             return entry
 
         claim = await fleet.claim(slot, stored, wait=self.lock_timeout)
         match claim:
             case Lead():
                 try:
-                    return await self._fetch_and_store(key, url, forwarded, None, store=True, kind=kind)
+                    return await self._fetch_and_store(wanted, None, store=True)
                 finally:
                     await fleet.release(claim)
             case Filled(entry=entry):
@@ -343,35 +334,26 @@ class Proxy:
                 served = await self._serve(entry, CacheResult.MISS, self.clock())
                 if served is not None:
                     return served
-                return await self._fetch_and_store(key, url, forwarded, None, store=True, kind=kind)
+                return await self._fetch_and_store(wanted, None, store=True)
             case Alone():
-                return await self._fetch_and_store(key, url, forwarded, None, store=True, kind=kind)
+                return await self._fetch_and_store(wanted, None, store=True)
             case _:
                 assert_never(claim)
 
-    def _refresh_in_background(self, slot: str, key: str, url: str, forwarded: dict[str, str], stale: Entry) -> None:
+    def _refresh_in_background(self, slot: str, wanted: _Wanted, stale: Entry) -> None:
         if slot in self._inflight:
             return
-        remembered = self._negative.get(key)
+        remembered = self._negative.get(wanted.key)
         if remembered is not None and remembered.until > self.clock():
             return  # the last refresh failed moments ago: do not hammer a broken upstream
-        task = self._start(slot, key, url, forwarded, stale)
+        task = self._start(slot, wanted, stale)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
     # -- fetch, validate, store ----------------------------------------------------
 
-    async def _fetch_and_store(
-        self,
-        key: str,
-        url: str,
-        forwarded: dict[str, str],
-        stale: Entry | None,
-        *,
-        store: bool,
-        kind: Entry | None = None,
-    ) -> Outcome:
-        headers = dict(forwarded)
+    async def _fetch_and_store(self, wanted: _Wanted, stale: Entry | None, *, store: bool) -> Outcome:
+        headers = dict(wanted.forwarded)
         if stale is not None:
             if stale.etag:
                 headers["if-none-match"] = stale.etag
@@ -379,33 +361,25 @@ class Proxy:
                 headers["if-modified-since"] = stale.last_modified
         started = time.perf_counter()
         try:
-            response = await self.fetch(url, headers)
+            response = await self.fetch(wanted.url, headers)
         except DestinationRefused as exc:
             return Failed(exc, CacheResult.MISS)
         except UpstreamError as exc:
-            return await self._failure(key, stale, exc, None, time.perf_counter() - started)
+            return await self._failure(wanted.key, stale, exc, None, time.perf_counter() - started)
         elapsed = time.perf_counter() - started
         try:
-            return await self._accept(key, url, forwarded, stale, response, elapsed, store=store, kind=kind)
+            return await self._accept(wanted, stale, response, elapsed, store=store)
         finally:
             if response.body_path is not None:
                 _unlink_quietly(response.body_path)
 
     async def _accept(
-        self,
-        key: str,
-        url: str,
-        forwarded: dict[str, str],
-        stale: Entry | None,
-        response: UpstreamResponse,
-        elapsed: float,
-        *,
-        store: bool,
-        kind: Entry | None = None,
+        self, wanted: _Wanted, stale: Entry | None, response: UpstreamResponse, elapsed: float, *, store: bool
     ) -> Outcome:
+        key, url = wanted.key, wanted.url
         status = response.status
         if status == 304 and stale is not None:
-            return await self._revalidated(key, stale, forwarded, response, elapsed)
+            return await self._revalidated(wanted, stale, response, elapsed)
         if not 200 <= status < 300:
             error = UpstreamError(f"upstream-status-{status}", status=status)
             return await self._failure(key, stale, error, status, elapsed)
@@ -432,7 +406,7 @@ class Proxy:
         verdict = await offload(len(sample), lambda: self.validators.validate(candidate))
         # The copy this answer would replace, or, for a variant not fetched yet, the index that stands for the URL's
         # other variants: an answer of another kind replaces neither while they could stand in on error.
-        kept = stale if stale is not None else kind
+        kept = stale if stale is not None else wanted.kind
         if not isinstance(verdict, Reject) and kept is not None:
             verdict = _same_kind_as(kept, response.headers.get("content-type", ""), self.clock())
         if isinstance(verdict, Reject):
@@ -451,7 +425,7 @@ class Proxy:
         )
         entry = Entry(
             # An answer that varies on everything is never stored: its key is only this request's own.
-            key=key if names is None else make_key(url, variant(names, forwarded)),
+            key=key if names is None else make_key(url, variant(names, wanted.forwarded)),
             url=url,
             status=status,
             headers=tuple((name, value) for name, value in response.headers.items() if name in STORED_HEADERS),
@@ -491,13 +465,11 @@ class Proxy:
             upstream_seconds=elapsed,
         )
 
-    async def _revalidated(
-        self, key: str, stale: Entry, forwarded: dict[str, str], response: UpstreamResponse, elapsed: float
-    ) -> Outcome:
+    async def _revalidated(self, wanted: _Wanted, stale: Entry, response: UpstreamResponse, elapsed: float) -> Outcome:
         if self.purges is not None and self.purges.covers(stale):
             # Purged while the upstream was being asked: refreshing the copy would bring it back (its new storage
             # time is after the purge). The confirmation is for a copy that no longer exists; fetch anew.
-            return await self._fetch_and_store(key, stale.url, forwarded, None, store=True)
+            return await self._fetch_and_store(wanted, None, store=True)
         # RFC 9111 §4.3.4: the 304's headers update the stored ones; the body stays.
         merged = dict(stale.headers)
         merged.update(response.headers)
@@ -518,10 +490,10 @@ class Proxy:
         await self.storage.touch(refreshed)
         if refreshed.vary:
             await self._keep_index(refreshed)
-        self._negative.pop(key, None)
+        self._negative.pop(wanted.key, None)
         served = await self._serve(refreshed, CacheResult.REVALIDATED, self.clock())
         if served is None:
-            return await self._fetch_and_store(key, refreshed.url, forwarded, None, store=True)
+            return await self._fetch_and_store(wanted, None, store=True)
         return replace(served, upstream_status=304, upstream_seconds=elapsed)
 
     async def _keep_index(self, refreshed: Entry) -> None:
