@@ -519,9 +519,8 @@ def test_the_setting_names_an_engine() -> None:
         Settings(key=SecretStr("k" * 32), upstream_engine="curl")  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("name", sorted(ENGINES))
-async def test_the_fetcher_builds_the_named_engine(tmp_path: Path, name: str) -> None:
-    upstream = Upstream(
+def _upstream_with(engine_name: str, spool_dir: Path) -> Upstream:
+    return Upstream(
         policy=DestinationPolicy.from_settings_values((), (), ()),
         connect_timeout=1,
         read_timeout=1,
@@ -529,26 +528,21 @@ async def test_the_fetcher_builds_the_named_engine(tmp_path: Path, name: str) ->
         max_body_bytes=1,
         max_redirects=0,
         user_agent="Moxy/test",
-        spool_dir=tmp_path,
-        engine_name=name,
+        spool_dir=spool_dir,
+        engine_name=engine_name,
     )
+
+
+@pytest.mark.parametrize("name", sorted(ENGINES))
+async def test_the_fetcher_builds_the_named_engine(tmp_path: Path, name: str) -> None:
+    upstream = _upstream_with(name, tmp_path)
     assert isinstance(upstream._get_engine(), ENGINES[name])
     await upstream.aclose()
 
 
 def test_an_unknown_engine_name_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown upstream engine"):
-        Upstream(
-            policy=DestinationPolicy.from_settings_values((), (), ()),
-            connect_timeout=1,
-            read_timeout=1,
-            total_timeout=1,
-            max_body_bytes=1,
-            max_redirects=0,
-            user_agent="Moxy/test",
-            spool_dir=tmp_path,
-            engine_name="curl",
-        )
+        _upstream_with("curl", tmp_path)
 
 
 async def test_a_closing_idle_connection_is_not_reused() -> None:
